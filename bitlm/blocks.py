@@ -1,0 +1,149 @@
+"""Pre-norm transformer blocks and the stack that runs them plain, checkpointed, reversible or with ACT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import KVCache, SelfAttention
+from .config import ModelConfig
+from .reversible import reversible_stack
+
+
+class Block(nn.Module):
+    """x -> x + F(x), then + G(.): F is attention, G the MLP, each behind its own LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.chunk_size)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
+        )
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.last_weights: Optional[torch.Tensor] = None
+
+    def f(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None, layer: int = 0,
+          return_weights: bool = False) -> torch.Tensor:
+        y, weights = self.attn(self.ln1(x), causal=causal, cache=cache, layer=layer, return_weights=return_weights)
+        self.last_weights = weights
+        return self.resid_dropout(y)
+
+    def g(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln2(x))
+
+    def f_parameters(self) -> list[nn.Parameter]:
+        return [*self.ln1.parameters(), *self.attn.parameters()]
+
+    def g_parameters(self) -> list[nn.Parameter]:
+        return [*self.ln2.parameters(), *self.mlp.parameters()]
+
+    def forward(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        x = x + self.f(x, causal=causal)
+        return x + self.g(x)
+
+
+@dataclass
+class StackOutput:
+    hidden: torch.Tensor  # (B, T, d)
+    halt_probs: Optional[torch.Tensor] = None  # (B, n_layers, T)
+    ponder_cost: Optional[torch.Tensor] = None  # (B, T): expected number of layers used
+    attention_maps: list[torch.Tensor] = field(default_factory=list)  # per layer (B, nh, T, T_k)
+
+
+class BlockStack(nn.Module):
+    """The layers shared by every architecture; options are applied here, never inside a block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.halt = nn.Linear(cfg.d_model, 1) if cfg.act else None
+        self.init_halting()
+
+    def init_halting(self) -> None:
+        """Start the halting unit near "keep going" so early training uses the whole depth."""
+        if self.halt is not None:
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, -2.0)
+
+    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
+                return_weights: bool = False) -> StackOutput:
+        per_layer_needed = self.halt is not None or cache is not None or return_weights
+        if self.cfg.reversible:
+            if cache is None and not return_weights and torch.is_grad_enabled():
+                states = self._reversible(x, causal, per_layer=self.halt is not None)
+            else:
+                states = self._coupled_inference(x, causal, cache, return_weights)
+        else:
+            states = self._plain(x, causal, cache, return_weights, per_layer_needed)
+        out = self._act(states) if self.halt is not None else StackOutput(hidden=states[-1])
+        if return_weights:
+            out.attention_maps = [b.last_weights for b in self.blocks]
+            for b in self.blocks:
+                b.last_weights = None
+        return out
+
+    def _plain(self, x, causal, cache, return_weights, keep_all) -> list[torch.Tensor]:
+        states = []
+        for i, block in enumerate(self.blocks):
+            if cache is not None or return_weights:
+                x = x + block.f(x, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+                x = x + block.g(x)
+            elif self.cfg.checkpoint_activations and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal=causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
+            if keep_all:
+                states.append(x)
+        return states if keep_all else [x]
+
+    def _reversible(self, x, causal, per_layer: bool) -> list[torch.Tensor]:
+        # residual streams stay fp32 so the subtraction that rebuilds inputs in backward is exact enough
+        x1 = x2 = x.float()
+        replay = self.training and self.cfg.dropout > 0
+        if not per_layer:
+            x1, x2 = reversible_stack(x1, x2, self.blocks, causal=causal, replay_rng=replay)
+            return [(x1 + x2) / 2]
+        states = []
+        for block in self.blocks:  # ACT needs every layer's state, so couple one block at a time
+            x1, x2 = reversible_stack(x1, x2, [block], causal=causal, replay_rng=replay)
+            states.append((x1 + x2) / 2)
+        return states
+
+    def _coupled_inference(self, x, causal, cache, return_weights) -> list[torch.Tensor]:
+        """The same coupling without the custom Function: for caching, attention maps or no-grad runs."""
+        x1 = x2 = x.float()
+        states = []
+        for i, block in enumerate(self.blocks):
+            x1 = x1 + block.f(x2, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+            x2 = x2 + block.g(x1)
+            states.append((x1 + x2) / 2)
+        return states
+
+    def _act(self, states: list[torch.Tensor]) -> StackOutput:
+        """Graves-style ACT: each position's output mixes layer states by halting weights.
+
+        All layers still run (dense compute); a halted position's later states get weight 0.
+        """
+        B, T, _ = states[0].shape
+        cumulative = states[0].new_zeros(B, T)
+        mixed = torch.zeros_like(states[0])
+        ponder = states[0].new_zeros(B, T)
+        probs = []
+        last = len(states) - 1
+        for i, h in enumerate(states):
+            p = torch.sigmoid(self.halt(h)).squeeze(-1)  # (B, T)
+            probs.append(p)
+            running = cumulative < self.cfg.act_threshold
+            halts_now = (cumulative + p >= self.cfg.act_threshold) | (i == last)
+            weight = torch.where(halts_now, 1.0 - cumulative, p) * running
+            mixed = mixed + weight.unsqueeze(-1) * h
+            cumulative = cumulative + weight
+            ponder = ponder + running.to(h.dtype)
+        return StackOutput(hidden=mixed, halt_probs=torch.stack(probs, dim=1), ponder_cost=ponder)

@@ -1,0 +1,31 @@
+"""The `bitlm` command line: one click group; each command lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from .generate import generate_command
+from .prepare import prepare_command
+from .score import eval_command
+from .train import demo_command, train_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="bitlm")
+def main() -> None:
+    """bitlm: train, evaluate and sample bit-native language models.
+
+    \b
+    Typical session:
+      bitlm prepare ../shared/data/tinyshakespeare.txt --out data/shakespeare
+      bitlm train --local --data data/shakespeare --out runs/s1 --preset small --minutes 10
+      bitlm eval runs/s1/model some_text.txt
+      bitlm generate runs/s1/model --prompt "ROMEO:" --max-new-bytes 200
+    """
+
+
+main.add_command(prepare_command)
+main.add_command(train_command)
+main.add_command(eval_command)
+main.add_command(generate_command)
+main.add_command(demo_command)

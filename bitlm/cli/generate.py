@@ -1,0 +1,30 @@
+"""`bitlm generate`: sample a continuation of a prompt."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("generate")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", default="The ", show_default=True, help="Text to continue (at least one byte).")
+@click.option("--max-new-bytes", default=200, show_default=True, help="Bytes to generate.")
+@click.option("--temperature", default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=None, help="Keep the k most likely values (bit models have 2).")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
+@click.option("--seed", type=int, default=None, help="Random seed for a reproducible sample.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, device):
+    """Continue --prompt with the model in MODEL_DIR (KV-cache decoding; parity enforced after sampling)."""
+    from ..checkpoint import from_pretrained
+    from ..engine import resolve_device
+    from ..sampling import generate
+
+    model = from_pretrained(model_dir, device=resolve_device(device))
+    try:
+        out = generate(model, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    click.echo(out.text)
+    if out.n_parity_corrections:
+        click.echo(f"[{out.n_parity_corrections} parity bit(s) corrected]", err=True)

@@ -1,0 +1,48 @@
+"""Options and config assembly shared by the training commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..config import ExperimentConfig, ModelConfig, apply_overrides, from_dict
+
+
+def build_experiment(preset: str, config_file: Optional[str], sets: tuple[str, ...], minutes: Optional[float],
+                     steps: Optional[int]) -> ExperimentConfig:
+    """Preset (or JSON file) -> --minutes/--steps -> --set overrides, in that order."""
+    try:
+        if config_file:
+            cfg = from_dict(ExperimentConfig, json.loads(Path(config_file).read_text()))
+        else:
+            cfg = ExperimentConfig(model=ModelConfig.from_name(preset))
+        if minutes is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))
+        elif steps is not None:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
+        return apply_overrides(cfg, sets)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def model_options(fn):
+    """--preset, --config, --set, --minutes, --steps."""
+    options = [
+        click.option("--preset", default="small", show_default=True, type=click.Choice(["tiny", "small", "base"]),
+                     help="Model preset (see ModelConfig.from_name)."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="ExperimentConfig JSON (as written to <out>/config.json); replaces --preset."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config field by dotted key, e.g. --set model.n_layers=8 "
+                          "--set train.lr=1e-3 --set model.representation=byte. Repeatable."),
+        click.option("--minutes", type=float, default=None, help="Wall-clock training budget (time-based LR schedule)."),
+        click.option("--steps", type=int, default=None, help="Optimizer steps (train.max_steps)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn

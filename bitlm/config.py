@@ -1,0 +1,228 @@
+"""Frozen, JSON-round-trippable configs with named presets and dotted-key overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Arch = Literal["flat"]
+Representation = Literal["bit", "byte"]
+Schedule = Literal["cosine", "onecycle", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+def _check_choice(value: Any, name: str, tp: Any) -> None:
+    allowed = typing.get_args(tp)
+    _check(value in allowed, name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape and options of a BitTransformerLM."""
+
+    arch: Arch = "flat"
+    representation: Representation = "bit"
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 512
+    max_seq_len: int = 2304  # positions: bits for representation="bit", bytes for "byte"
+    dropout: float = 0.0
+    parity: bool = True
+    causal: bool = True
+    reversible: bool = False
+    checkpoint_activations: bool = False
+    chunk_size: Optional[int] = None  # block-local attention window, in positions
+    full_attn_logging: bool = False  # return (B, H, T, T) attention maps with telemetry
+    act: bool = False  # adaptive computation time halting over layers
+    act_threshold: float = 0.99
+
+    def __post_init__(self) -> None:
+        _check_choice(self.arch, "model.arch", Arch)
+        _check_choice(self.representation, "model.representation", Representation)
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
+            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.d_model % self.n_heads == 0, "model.d_model",
+               f"must be divisible by model.n_heads={self.n_heads}, got {self.d_model}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.chunk_size is None or self.chunk_size >= 1, "model.chunk_size",
+               f"must be None or >= 1, got {self.chunk_size}")
+        _check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
+               f"must be in (0, 1], got {self.act_threshold}")
+
+    @property
+    def bits_per_byte(self) -> int:
+        """Bits that encode one byte (9 with parity, 8 without)."""
+        return 9 if self.parity else 8
+
+    @property
+    def positions_per_byte(self) -> int:
+        """Transformer positions spent per byte of text."""
+        return self.bits_per_byte if self.representation == "bit" else 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset (`tiny`, `small`, `base`), optionally with field overrides."""
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"model preset: unknown {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(d_model=64, n_heads=4, n_layers=2, d_ff=256, max_seq_len=1152),
+    "small": ModelConfig(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=2304),
+    "base": ModelConfig(d_model=512, n_heads=8, n_layers=8, d_ff=2048, max_seq_len=4608),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation, schedule, evaluation and checkpoint cadence of one training run."""
+
+    seed: int = 0
+    batch_size: int = 16
+    context_bytes: int = 64
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    max_seconds: Optional[float] = None  # wall-clock budget; the LR schedule follows time when set
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    schedule: Schedule = "cosine"
+    grad_clip: float = 1.0
+    precision: Precision = "auto"
+    compile: bool = False
+    log_every: int = 25
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
+                     "eval_batches", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.context_bytes >= 2, "train.context_bytes", f"must be >= 2, got {self.context_bytes}")
+        _check(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
+               f"must be None or > 0, got {self.max_seconds}")
+        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check_choice(self.schedule, "train.schedule", Schedule)
+        _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        _check_choice(self.precision, "train.precision", Precision)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """Everything one local training run needs; the dotted keys of `--set` address its fields."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-safe data."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass (nested ones included) from `to_dict` output; unknown keys fail."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        kwargs[key] = from_dict(tp, value) if dataclasses.is_dataclass(tp) else value
+    return cls(**kwargs)
+
+
+def to_json(cfg: Any) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a (nested) config, as logged params and Tune search keys."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: str, tp: Any, key: str) -> Any:
+    """Parse a command-line string into the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        return value
+    if tp is bool:
+        lowered = value.lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if tp in (int, float):
+        try:
+            return tp(float(value)) if tp is int and float(value).is_integer() else tp(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
+    """Return `cfg` with `key.sub=value` assignments applied (validated by the dataclasses)."""
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value, e.g. model.n_layers=8")
+        key, value = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), value.strip(), key.strip())
+    return cfg
+
+
+def _set_path(cfg: Any, path: list[str], value: str, full_key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if path[0] not in names:
+        raise ValueError(f"override {full_key!r}: {type(cfg).__name__} has no field {path[0]!r}; "
+                         f"known: {sorted(names)}")
+    current = getattr(cfg, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"override {full_key!r}: {path[0]!r} is not a config section")
+        return dataclasses.replace(cfg, **{path[0]: _set_path(current, path[1:], value, full_key)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"override {full_key!r}: {path[0]!r} is a section; set one of its fields")
+    tp = typing.get_type_hints(type(cfg))[path[0]]
+    return dataclasses.replace(cfg, **{path[0]: _coerce(value, tp, full_key)})

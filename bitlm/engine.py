@@ -1,0 +1,200 @@
+"""Single-process training loop: AdamW, LR schedule, accumulation, clipping, AMP, eval in bpb, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_dict
+from .objective import causal_loss, evaluate_bpb, model_inputs
+
+Report = Callable[[dict[str, float], Optional[Path]], None]
+"""Called with (metrics, checkpoint directory or None) at every log, eval and checkpoint event."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    train_seconds: float
+    metrics: dict[str, float]  # the last evaluation
+    history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, in order
+    checkpoint: Optional[Path] = None
+
+
+def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
+    """A zero-argument factory of the autocast context for `precision` on `device`."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def lr_factor(cfg: TrainConfig, step: int, train_seconds: float) -> float:
+    """Multiplier of cfg.lr at `step`; progress follows time instead of steps when a time budget is set."""
+    progress = step / cfg.max_steps
+    if cfg.max_seconds is not None:
+        progress = max(progress, train_seconds / cfg.max_seconds)
+    progress = min(progress, 1.0)
+    if cfg.schedule == "onecycle":
+        # cosine ramp from lr/25 to lr over the warm-up fraction, then cosine down to lr/1e4
+        warm = min(max(cfg.warmup_steps / cfg.max_steps, 1e-3), 0.5)
+        if progress < warm:
+            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / warm)) / 2
+        t = (progress - warm) / (1 - warm)
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, norms or embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name and "phase" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+@torch.no_grad()
+def telemetry_means(model, byte_batch: torch.Tensor) -> dict[str, float]:
+    """Mean K, C, S of the model on one byte batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = model_inputs(model, byte_batch.to(next(model.parameters()).device))
+        _, tel = model(ids, return_telemetry=True)
+    finally:
+        model.train(was_training)
+    return {"K": float(tel["negentropy"].mean()), "C": float(tel["lz_complexity"].mean()),
+            "S": float(tel["symbiosis"].mean())}
+
+
+def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
+        checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
+        device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
+        progress: bool = False) -> FitResult:
+    """Train `model` on `corpus` (a bitlm.data.Corpus) following `cfg`.
+
+    With `checkpoint_dir`, rank 0 writes step-NNNNNNNN/ checkpoints there and, when `resume`,
+    training continues from the newest one: same data order, optimizer and RNG state, so the
+    loss curve is the one an uninterrupted run would have produced.
+    """
+    device = resolve_device(device)
+    base = model.to(device)
+    positions = cfg.context_bytes * base.config.positions_per_byte
+    if positions > base.config.max_seq_len:
+        raise ValueError(f"train.context_bytes={cfg.context_bytes} needs {positions} positions but "
+                         f"model.max_seq_len={base.config.max_seq_len}")
+    if base.config.representation == "bit":
+        base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
+    torch.manual_seed(cfg.seed)
+    optimizer = build_optimizer(base, cfg)
+    autocast = autocast_factory(cfg.precision, device)
+    net = torch.compile(base) if cfg.compile else base
+
+    step, train_seconds, history = 0, 0.0, []
+    latest = ckpt.latest_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, base, optimizer)
+        step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
+
+    batches = corpus.train.random_batches(cfg.batch_size, cfg.context_bytes, seed=cfg.seed,
+                                          start_step=step * cfg.grad_accum_steps, rank=rank,
+                                          world_size=world_size)
+    bytes_per_step = cfg.batch_size * cfg.context_bytes * cfg.grad_accum_steps
+    emit = report or (lambda metrics, path: None)
+    bar = _progress_bar(progress, cfg, step)
+    window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
+    last_checkpoint = latest
+    metrics: dict[str, float] = history[-1] if history else {}
+
+    base.train()
+    while step < cfg.max_steps and (cfg.max_seconds is None or train_seconds < cfg.max_seconds):
+        t0 = time.perf_counter()
+        lr = cfg.lr * lr_factor(cfg, step, train_seconds)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum_steps):
+            with autocast():
+                out = causal_loss(net, next(batches))
+            (out.loss / cfg.grad_accum_steps).backward()
+            window_loss += float(out.loss.detach()) / cfg.grad_accum_steps
+            window_bits += float(out.nll_bits)
+            window_bytes += out.n_bytes
+        grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        step += 1
+        train_seconds += dt
+        window_time += dt
+        window_steps += 1
+        if bar is not None:
+            bar.update(1)
+
+        final = step >= cfg.max_steps or (cfg.max_seconds is not None and train_seconds >= cfg.max_seconds)
+        if step % cfg.log_every == 0 or final:
+            bytes_per_s = window_steps * bytes_per_step / window_time
+            emit({"step": step, "train_seconds": train_seconds, "lr": lr,
+                  "train/loss": window_loss / window_steps, "train/bpb": window_bits / max(window_bytes, 1),
+                  "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * base.config.bits_per_byte,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                  "bytes_seen": step * bytes_per_step * world_size}, None)
+            if bar is not None:
+                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", bpb=f"{window_bits / max(window_bytes, 1):.3f}")
+            window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
+        if step % cfg.eval_every == 0 or final:
+            metrics = evaluate(base, corpus, cfg, autocast) | {"step": step, "train_seconds": train_seconds}
+            history.append(metrics)
+            emit(metrics, None)
+        if checkpoint_dir is not None and rank == 0 and (
+                final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            last_checkpoint = ckpt.save_checkpoint(
+                ckpt.step_directory(checkpoint_dir, step), base, optimizer,
+                {"step": step, "train_seconds": train_seconds, "history": history, "train": to_dict(cfg)})
+            ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+            emit({"step": step}, last_checkpoint)
+    if bar is not None:
+        bar.close()
+    return FitResult(step=step, train_seconds=train_seconds, metrics=metrics, history=history,
+                     checkpoint=last_checkpoint)
+
+
+def evaluate(model, corpus, cfg: TrainConfig, autocast=None) -> dict[str, float]:
+    """Validation bpb over the first cfg.eval_batches batches, plus K/C/S on the first batch."""
+    val = corpus.val if corpus.val.n_windows else corpus.train
+    batches = list(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=cfg.eval_batches))
+    result = evaluate_bpb(model, batches, autocast=autocast)
+    tel = telemetry_means(model, batches[0])
+    return {"val/bpb": result["bpb"], "val/n_bytes": result["n_bytes"],
+            "val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}
+
+
+def _progress_bar(enabled: bool, cfg: TrainConfig, start: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, unit="step", dynamic_ncols=True)

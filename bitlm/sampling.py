@@ -1,0 +1,175 @@
+"""Causal generation with the KV cache (temperature, top-k, top-p, seed) and long-input inference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .codec import bits_to_bytes, bytes_to_bits, enforce_parity
+
+
+@dataclass
+class Generation:
+    text: str  # prompt + continuation, UTF-8 decoded with replacement characters
+    new_bytes: bytes  # the continuation only
+    n_parity_corrections: int  # parity bits the model got wrong and that were fixed after sampling
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) sets to -inf; (..., V) in, same shape out."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
+    """Sample one id per row from (B, V) logits."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+    """Extend (B, T0) prompt ids by n_new sampled ids; returns (B, T0 + n_new).
+
+    With the cache each new position costs one incremental step. When the context fills up, the
+    oldest half is dropped (on a byte boundary, so bit phases stay aligned) and the rest re-read.
+    `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested on).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if prompt.dim() != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt must be (batch, length >= 1) ids, got shape {tuple(prompt.shape)}")
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    seq = prompt.to(device)
+    keep = max(cfg.positions_per_byte, (cfg.max_seq_len // 2) // cfg.positions_per_byte * cfg.positions_per_byte)
+    try:
+        cache, logits = None, None
+        for _ in range(n_new):
+            if use_cache and cache is not None and cache.length < cfg.max_seq_len:
+                logits, _ = model(seq[:, -1:], causal=True, cache=cache)
+            else:
+                context = seq if seq.shape[1] <= cfg.max_seq_len else seq[:, -keep:]
+                if use_cache:
+                    cache = model.new_cache(seq.shape[0])
+                logits, _ = model(context, causal=True, cache=cache)
+            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    finally:
+        model.train(was_training)
+    return seq
+
+
+def generate(model, prompt: str | bytes, max_new_bytes: int, *, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+             use_cache: bool = True) -> Generation:
+    """Continue a text prompt by max_new_bytes bytes, for a bit model or the byte baseline."""
+    if max_new_bytes < 0:
+        raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+    data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
+    if not data:
+        raise ValueError("prompt must be at least one byte (the model predicts from earlier positions)")
+    cfg = model.config
+    if cfg.representation == "bit":
+        ids = torch.as_tensor(bytes_to_bits(data, parity=cfg.parity), dtype=torch.long)[None]
+        out = generate_ids(model, ids, max_new_bytes * cfg.bits_per_byte, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache)
+        new_bits = out[0, ids.shape[1]:].cpu().numpy()
+        corrections = 0
+        if cfg.parity:
+            new_bits, corrections = enforce_parity(new_bits)
+        new = bits_to_bytes(new_bits, parity=cfg.parity)
+    else:
+        ids = torch.as_tensor(list(data), dtype=torch.long)[None]
+        out = generate_ids(model, ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed, use_cache=use_cache)
+        new, corrections = bytes(out[0, ids.shape[1]:].tolist()), 0
+    return Generation(text=(data + new).decode("utf-8", errors="replace"), new_bytes=new,
+                      n_parity_corrections=corrections)
+
+
+def sample_text(model, prompt: str, max_new_bytes: int = 64, **kwargs) -> str:
+    """The seeds' convenience call: prompt + continuation as text."""
+    return generate(model, prompt, max_new_bytes, **kwargs).text
+
+
+@torch.no_grad()
+def infer_long_sequence(model, ids: torch.Tensor, *, window: Optional[int] = None,
+                        overlap: Optional[int] = None, batch_windows: int = 8) -> torch.Tensor:
+    """Logits for a sequence longer than the context, from overlapping windows.
+
+    Windows of `window` positions start every `window - overlap` positions (rounded to whole
+    bytes); each position's logits come from the first window in which it has at least `overlap`
+    positions of context (or from the first window). Returns (B, T, V) for (B, T) or (T,) ids.
+    """
+    cfg = model.config
+    squeeze = ids.dim() == 1
+    ids = ids[None] if squeeze else ids
+    step_unit = cfg.positions_per_byte
+    window = window or cfg.max_seq_len
+    window = window // step_unit * step_unit
+    overlap = window // 2 if overlap is None else overlap
+    overlap = overlap // step_unit * step_unit
+    if not 0 < window <= cfg.max_seq_len:
+        raise ValueError(f"window must be in [{step_unit}, {cfg.max_seq_len}] positions, got {window}")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    B, T = ids.shape
+    stride = window - overlap
+    starts = list(range(0, max(T - overlap, 1), stride))
+    full = [s for s in starts if s + window <= T]
+    ragged = [s for s in starts if s + window > T]  # at most one: the tail window
+    out = None
+    try:
+        for i in range(0, len(full), batch_windows):
+            group = full[i:i + batch_windows]
+            stacked = torch.cat([ids[:, s:s + window] for s in group])  # (len(group) * B, window)
+            logits, _ = model(stacked)
+            out = _place(out, logits.view(len(group), B, window, -1), group, overlap, T)
+        for start in ragged:
+            logits, _ = model(ids[:, start:])
+            out = _place(out, logits[None], [start], overlap, T)
+    finally:
+        model.train(was_training)
+    return out[0] if squeeze else out
+
+
+def _place(out: Optional[torch.Tensor], logits: torch.Tensor, starts: list[int], overlap: int, T: int) -> torch.Tensor:
+    """Copy (n_windows, B, W, V) window logits into the (B, T, V) output, skipping context positions."""
+    if out is None:
+        out = logits.new_empty(logits.shape[1], T, logits.shape[-1])
+    for window_logits, start in zip(logits, starts):
+        keep_from = 0 if start == 0 else overlap
+        out[:, start + keep_from:start + window_logits.shape[1]] = window_logits[:, keep_from:]
+    return out

@@ -1,0 +1,255 @@
+"""K (negentropy), C (LZ76 complexity) and S (symbiosis) telemetry of bit sequences, and metric drift detection."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from bitlm.codec import _as_bit_array
+
+_ENTROPY_EPS = 1e-7
+_PROXY_EPS = 1e-6
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _to_numpy(x: ArrayLike | Sequence) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _bits_2d(bits: ArrayLike) -> np.ndarray:
+    """Validate 0/1 values and return a (B, T) uint8 array (a 1-D input becomes one row)."""
+    arr = _to_numpy(bits)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"bits must have shape (T,) or (B, T), got {arr.shape}")
+    shape = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
+    return _as_bit_array(arr).reshape(shape)
+
+
+def negentropy(p_one: torch.Tensor) -> torch.Tensor:
+    """K = 1 - mean_t H2(p_t) in bits over the last dim; 1 is fully predictable, 0 is coin flips."""
+    p = p_one.clamp(_ENTROPY_EPS, 1.0 - _ENTROPY_EPS)
+    h = -(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))
+    return 1.0 - h.mean(dim=-1)
+
+
+def lz76_phrase_count(bits: ArrayLike | Sequence[int]) -> int:
+    """Number of phrases c(n) in the Lempel-Ziv 1976 parsing of a 1-D bit sequence (Kaspar & Schuster 1987).
+
+    Each new phrase is the longest prefix of the remaining sequence that already occurs starting
+    somewhere earlier (the occurrence may overlap the prefix itself) plus one fresh symbol; a last
+    phrase that runs into the end of the sequence still counts. "0001101001000101" parses as
+    0.001.10.100.1000.101, c = 6.
+    """
+    arr = _to_numpy(bits)
+    if arr.ndim != 1:
+        raise ValueError(f"lz76_phrase_count takes a 1-D sequence, got shape {arr.shape}")
+    s = _as_bit_array(arr).tobytes()
+    n = len(s)
+    if n == 0:
+        return 0
+    count, start = 1, 1
+    while start < n:
+        # Grow the copied prefix s[start:start+k]; a source occurrence must begin before `start`,
+        # so it lies inside s[:start + k - 1]. A longer prefix's first occurrence cannot come
+        # earlier than a shorter one's, so each search resumes from the last hit.
+        k, hit = 0, 0
+        while start + k < n:
+            if s[hit + k] == s[start + k]:
+                k += 1
+                continue
+            hit = s.find(s[start : start + k + 1], hit, start + k)
+            if hit < 0:
+                break
+            k += 1
+        count += 1
+        if start + k >= n:
+            break
+        start += k + 1
+    return count
+
+
+def lz_complexity(bits: ArrayLike | Sequence[int]) -> float:
+    """C = c(n) * log2(n) / n clipped to [0, 1]; 1 for incompressible bits, near 0 for repetition.
+
+    Sequences with n <= 1 have no structure to measure and get 0.0 (the formula's value at n == 1).
+    """
+    arr = _to_numpy(bits).reshape(-1)
+    n = arr.size
+    if n <= 1:
+        _as_bit_array(arr)
+        return 0.0
+    c = lz76_phrase_count(arr)
+    return float(min(1.0, c * math.log2(n) / n))
+
+
+def lz_complexity_batch(bits: ArrayLike) -> np.ndarray:
+    """Per-row ``lz_complexity`` of a (B, T) bit array, as a float64 array of shape (B,)."""
+    arr = _to_numpy(bits)
+    if arr.ndim != 2:
+        raise ValueError(f"lz_complexity_batch takes a (B, T) array, got shape {arr.shape}")
+    rows = _bits_2d(arr)
+    return np.array([lz_complexity(row) for row in rows], dtype=np.float64)
+
+
+def lz_complexity_proxy(p_one: torch.Tensor, max_lag: int = 72, temperature: float = 0.05) -> torch.Tensor:
+    """Differentiable stand-in for C: a soft minimum over lags of the expected self-mismatch rate.
+
+    For each lag l in 1..min(max_lag, T-1), with p_t the predicted P(bit=1),
+    m_l = 2 * mean_t [p_t (1 - p_{t-l}) + p_{t-l} (1 - p_t)], the expected Hamming mismatch of the
+    sequence against itself shifted by l for independent Bernoullis, scaled so that p = 0.5
+    everywhere gives 1 and a confident sequence of period l gives 0. The proxy is
+    -temperature * logsumexp(-m / temperature) over the lags, clipped to [0, 1]; shape (B,).
+    The soft minimum sits below the smallest m_l by up to temperature * ln(#lags) (about 0.21 for
+    72 lags at 0.05), so uniform uncertainty reads about 0.79 and a repetition loop reads 0.
+    Sequences too short for any lag (T < 2) get 1.0: no repetition can be seen in them.
+    """
+    if p_one.dim() != 2:
+        raise ValueError(f"p_one must have shape (B, T), got {tuple(p_one.shape)}")
+    if max_lag < 1:
+        raise ValueError(f"max_lag must be >= 1, got {max_lag}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n_lags = min(max_lag, p_one.shape[1] - 1)
+    if n_lags < 1:
+        return p_one.new_ones(p_one.shape[0])
+    # One vectorised pass per lag; the lag count is small and fixed, never per bit.
+    mismatch = torch.stack(
+        [
+            2.0 * (p_one[:, lag:] + p_one[:, :-lag] - 2.0 * p_one[:, lag:] * p_one[:, :-lag]).mean(dim=1)
+            for lag in range(1, n_lags + 1)
+        ],
+        dim=1,
+    )
+    soft_min = -temperature * torch.logsumexp(-mismatch / temperature, dim=1)
+    return soft_min.clamp(0.0, 1.0)
+
+
+def bernoulli_kl(q: ArrayLike, r: ArrayLike) -> ArrayLike:
+    """Elementwise KL(Bern(q) || Bern(r)) in nats, for numpy arrays or torch tensors (q, r in (0, 1))."""
+    log = torch.log if isinstance(q, torch.Tensor) else np.log
+    return q * (log(q) - log(r)) + (1 - q) * (log(1 - q) - log(1 - r))
+
+
+def _phase_counts(rows: np.ndarray, bits_per_byte: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row ones and per-phase position counts, shapes (B, bpb) and (bpb,)."""
+    n_rows, length = rows.shape
+    n_groups = -(-length // bits_per_byte)
+    if length % bits_per_byte:
+        padded = np.zeros((n_rows, n_groups * bits_per_byte), dtype=np.uint8)
+        padded[:, :length] = rows
+        rows = padded
+    ones = rows.reshape(n_rows, n_groups, bits_per_byte).sum(axis=1, dtype=np.int64)
+    counts = np.bincount(np.arange(length) % bits_per_byte, minlength=bits_per_byte)
+    return ones, counts
+
+
+def _check_bpb(bits_per_byte: int) -> None:
+    if bits_per_byte < 1:
+        raise ValueError(f"bits_per_byte must be >= 1, got {bits_per_byte}")
+
+
+def phase_marginals(bits: ArrayLike, bits_per_byte: int) -> np.ndarray:
+    """Laplace-smoothed P(bit=1) at each phase t mod bits_per_byte, pooled over all rows; float64 (bpb,)."""
+    _check_bpb(bits_per_byte)
+    ones, counts = _phase_counts(_bits_2d(bits), bits_per_byte)
+    n_rows = ones.shape[0]
+    return (ones.sum(axis=0) + 1.0) / (counts * n_rows + 2.0)
+
+
+def _check_reference(reference: ArrayLike, bits_per_byte: int) -> np.ndarray:
+    ref = _to_numpy(reference).astype(np.float64).reshape(-1)
+    if ref.size != bits_per_byte:
+        raise ValueError(f"reference has {ref.size} entries, expected bits_per_byte={bits_per_byte}")
+    outside = np.flatnonzero(~((ref > 0) & (ref < 1)))
+    if outside.size:
+        i = int(outside[0])
+        raise ValueError(f"reference marginals must lie in (0, 1): phase {i} has value {ref[i]}")
+    return ref
+
+
+def symbiosis(bits: ArrayLike, reference: ArrayLike, bits_per_byte: int) -> np.ndarray | float:
+    """S = exp(-sum_j KL(q_j || r_j)) per sequence; q_j = (ones_j + 1) / (count_j + 2) at phase j.
+
+    Returns shape (B,) for (B, T) bits and a float for a 1-D sequence.
+    """
+    _check_bpb(bits_per_byte)
+    ref = _check_reference(reference, bits_per_byte)
+    arr = _to_numpy(bits)
+    ones, counts = _phase_counts(_bits_2d(arr), bits_per_byte)
+    q = (ones + 1.0) / (counts + 2.0)
+    s = np.exp(-bernoulli_kl(q, ref[None, :]).sum(axis=1))
+    return float(s[0]) if arr.ndim == 1 else s
+
+
+def symbiosis_proxy(p_one: torch.Tensor, reference: torch.Tensor, bits_per_byte: int) -> torch.Tensor:
+    """Differentiable S: q_j is the mean predicted P(bit=1) at phase j, clamped to [1e-6, 1 - 1e-6]; shape (B,).
+
+    Phases with no position in the sequence (T < bits_per_byte) contribute nothing.
+    """
+    if p_one.dim() != 2:
+        raise ValueError(f"p_one must have shape (B, T), got {tuple(p_one.shape)}")
+    _check_bpb(bits_per_byte)
+    _check_reference(reference, bits_per_byte)
+    length = p_one.shape[1]
+    phase = torch.arange(length, device=p_one.device) % bits_per_byte
+    onehot = torch.nn.functional.one_hot(phase, bits_per_byte).to(p_one.dtype)
+    counts = onehot.sum(dim=0)
+    q = (p_one @ onehot) / counts.clamp(min=1.0)
+    q = q.clamp(_PROXY_EPS, 1.0 - _PROXY_EPS)
+    ref = torch.as_tensor(reference, dtype=p_one.dtype, device=p_one.device).reshape(1, -1)
+    kl = bernoulli_kl(q, ref) * (counts > 0).to(p_one.dtype)
+    return torch.exp(-kl.sum(dim=1))
+
+
+def telemetry_summary(
+    bits: torch.Tensor, p_one: torch.Tensor, reference: ArrayLike, bits_per_byte: int
+) -> dict[str, torch.Tensor]:
+    """K from p_one, C and S from the observed bits; each a detached float32 (B,) tensor on p_one's device."""
+    if bits.shape != p_one.shape or bits.dim() != 2:
+        raise ValueError(
+            f"bits and p_one must share one (B, T) shape, got {tuple(bits.shape)} and {tuple(p_one.shape)}"
+        )
+    device = p_one.device
+    k = negentropy(p_one.detach().float())
+    c = lz_complexity_batch(bits)
+    s = symbiosis(bits, reference, bits_per_byte)
+    return {
+        "negentropy": k.to(torch.float32),
+        "lz_complexity": torch.as_tensor(c, dtype=torch.float32, device=device),
+        "symbiosis": torch.as_tensor(s, dtype=torch.float32, device=device),
+    }
+
+
+def detect_metric_drift(
+    history: Sequence[Mapping[str, float]], window: int = 100, threshold: float = 0.2
+) -> dict[str, float]:
+    """Metrics whose mean over the last ``window`` values moved by more than ``threshold`` from the window before.
+
+    Returns {metric: last-window mean minus previous-window mean}; metrics with fewer than
+    2 * window values are not judged. A step that lacks a metric simply adds no value for it.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    series: dict[str, list[float]] = {}
+    for step, record in enumerate(history):
+        if not isinstance(record, Mapping):
+            raise ValueError(f"history[{step}] must be a mapping of metric name to value, got {type(record).__name__}")
+        for name, value in record.items():
+            series.setdefault(name, []).append(float(value))
+    drifted: dict[str, float] = {}
+    for name, values in series.items():
+        if len(values) < 2 * window:
+            continue
+        tail = np.asarray(values[-2 * window :], dtype=np.float64)
+        delta = float(tail[window:].mean() - tail[:window].mean())
+        if abs(delta) > threshold:
+            drifted[name] = delta
+    return drifted
