@@ -105,8 +105,8 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
     if positions > base.config.max_seq_len:
         raise ValueError(f"train.context_bytes={cfg.context_bytes} needs {positions} positions but "
                          f"model.max_seq_len={base.config.max_seq_len}")
-    if base.config.representation == "bit":
-        base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
+    # S compares bits with the corpus for either representation (the byte model's bytes as bits)
+    base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
     torch.manual_seed(cfg.seed)
     optimizer = build_optimizer(base, cfg)
     autocast = autocast_factory(cfg.precision, device)
