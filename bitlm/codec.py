@@ -11,8 +11,8 @@ _DATA_BITS = 8
 # Rows are the MSB-first bits of each byte value; column 8 is the even-parity bit.
 _BIT_TABLE = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
 _BIT_TABLE = np.concatenate([_BIT_TABLE, (_BIT_TABLE.sum(axis=1) & 1)[:, None]], axis=1).astype(np.uint8)
-# A parity-stream byte laid out as one unaligned record, so the 8 data bits move as a single
-# uint64 store; this is what makes encoding run at memory speed rather than per-row speed.
+# A parity-stream byte viewed as one unaligned 9-byte record, so its 8 data bits move as a single
+# uint64 store; copying them as a strided 8-element row is several times slower.
 _RECORD = np.dtype([("data", "<u8"), ("parity", "u1")])
 # Large enough to amortise the per-chunk overhead, small enough that the unpacked bits stay in cache.
 _CHUNK = 1 << 16
@@ -40,7 +40,9 @@ def _byte_parity(values: np.ndarray) -> np.ndarray:
 def _as_bit_array(bits: BitsLike) -> np.ndarray:
     """Flatten ``bits`` to a 1-D uint8 numpy array, raising ValueError on any value other than 0/1."""
     if isinstance(bits, torch.Tensor):
-        bits = bits.detach().cpu().numpy()
+        # numpy has no bfloat16, and the values checked here are exact in float32.
+        bits = bits.detach().cpu()
+        bits = (bits.float() if bits.dtype == torch.bfloat16 else bits).numpy()
     arr = np.asarray(bits).reshape(-1)
     if arr.dtype == np.bool_:
         return arr.view(np.uint8)

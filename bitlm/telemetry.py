@@ -33,9 +33,11 @@ def _bits_2d(bits: ArrayLike) -> np.ndarray:
 
 def negentropy(p_one: torch.Tensor) -> torch.Tensor:
     """K = 1 - mean_t H2(p_t) in bits over the last dim; 1 is fully predictable, 0 is coin flips."""
-    p = p_one.clamp(_ENTROPY_EPS, 1.0 - _ENTROPY_EPS)
+    # In half precision 1 - 1e-7 rounds to 1 and the entropy turns into nan, so upcast first.
+    x = p_one.float() if p_one.dtype in (torch.float16, torch.bfloat16) else p_one
+    p = x.clamp(_ENTROPY_EPS, 1.0 - _ENTROPY_EPS)
     h = -(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))
-    return 1.0 - h.mean(dim=-1)
+    return (1.0 - h.mean(dim=-1)).to(p_one.dtype)
 
 
 def lz76_phrase_count(bits: ArrayLike | Sequence[int]) -> int:
@@ -79,7 +81,9 @@ def lz_complexity(bits: ArrayLike | Sequence[int]) -> float:
 
     Sequences with n <= 1 have no structure to measure and get 0.0 (the formula's value at n == 1).
     """
-    arr = _to_numpy(bits).reshape(-1)
+    arr = _to_numpy(bits)
+    if arr.ndim != 1:
+        raise ValueError(f"lz_complexity takes a 1-D sequence, got shape {arr.shape}")
     n = arr.size
     if n <= 1:
         _as_bit_array(arr)
@@ -115,19 +119,24 @@ def lz_complexity_proxy(p_one: torch.Tensor, max_lag: int = 72, temperature: flo
         raise ValueError(f"max_lag must be >= 1, got {max_lag}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    n_lags = min(max_lag, p_one.shape[1] - 1)
+    length = p_one.shape[1]
+    n_lags = min(max_lag, length - 1)
     if n_lags < 1:
         return p_one.new_ones(p_one.shape[0])
-    # One vectorised pass per lag; the lag count is small and fixed, never per bit.
-    mismatch = torch.stack(
-        [
-            2.0 * (p_one[:, lag:] + p_one[:, :-lag] - 2.0 * p_one[:, lag:] * p_one[:, :-lag]).mean(dim=1)
-            for lag in range(1, n_lags + 1)
-        ],
-        dim=1,
-    )
+    # FFT spectra have no half-precision path for arbitrary lengths, so work in at least float32.
+    x = p_one if p_one.dtype in (torch.float32, torch.float64) else p_one.float()
+    # sum_t p_t (1 - p_{t-l}) + p_{t-l} (1 - p_t) = sum p_t + sum p_{t-l} - 2 sum p_t p_{t-l}: the
+    # first two are prefix-sum differences and the cross term is the autocorrelation at lag l,
+    # so all lags cost one FFT instead of one pass over the sequence each.
+    spectrum = torch.fft.rfft(x, n=2 * length)
+    autocorr = torch.fft.irfft(spectrum * spectrum.conj(), n=2 * length)[:, 1 : n_lags + 1]
+    prefix = x.cumsum(dim=1)
+    lags = torch.arange(1, n_lags + 1, device=x.device)
+    later = prefix[:, -1:] - prefix[:, lags - 1]
+    earlier = prefix[:, length - 1 - lags]
+    mismatch = 2.0 * (later + earlier - 2.0 * autocorr) / (length - lags).to(x.dtype)
     soft_min = -temperature * torch.logsumexp(-mismatch / temperature, dim=1)
-    return soft_min.clamp(0.0, 1.0)
+    return soft_min.clamp(0.0, 1.0).to(p_one.dtype)
 
 
 def bernoulli_kl(q: ArrayLike, r: ArrayLike) -> ArrayLike:
@@ -195,23 +204,29 @@ def symbiosis_proxy(p_one: torch.Tensor, reference: torch.Tensor, bits_per_byte:
     if p_one.dim() != 2:
         raise ValueError(f"p_one must have shape (B, T), got {tuple(p_one.shape)}")
     _check_bpb(bits_per_byte)
-    _check_reference(reference, bits_per_byte)
-    length = p_one.shape[1]
-    phase = torch.arange(length, device=p_one.device) % bits_per_byte
-    onehot = torch.nn.functional.one_hot(phase, bits_per_byte).to(p_one.dtype)
+    # The 1e-6 clamp is below half-precision resolution near 1, so upcast before taking logs.
+    x = p_one.float() if p_one.dtype in (torch.float16, torch.bfloat16) else p_one
+    ref = torch.as_tensor(reference, dtype=x.dtype, device=x.device).reshape(1, -1)
+    # Checking the values needs them on the host; on an accelerator that would stall every step.
+    if ref.device.type == "cpu":
+        _check_reference(ref, bits_per_byte)
+    elif ref.shape[1] != bits_per_byte:
+        raise ValueError(f"reference has {ref.shape[1]} entries, expected bits_per_byte={bits_per_byte}")
+    length = x.shape[1]
+    phases = torch.arange(bits_per_byte, device=x.device)
+    onehot = (torch.arange(length, device=x.device)[:, None] % bits_per_byte == phases).to(x.dtype)
     counts = onehot.sum(dim=0)
-    q = (p_one @ onehot) / counts.clamp(min=1.0)
+    q = (x @ onehot) / counts.clamp(min=1.0)
     q = q.clamp(_PROXY_EPS, 1.0 - _PROXY_EPS)
-    ref = torch.as_tensor(reference, dtype=p_one.dtype, device=p_one.device).reshape(1, -1)
-    kl = bernoulli_kl(q, ref) * (counts > 0).to(p_one.dtype)
-    return torch.exp(-kl.sum(dim=1))
+    kl = bernoulli_kl(q, ref) * (counts > 0).to(x.dtype)
+    return torch.exp(-kl.sum(dim=1)).to(p_one.dtype)
 
 
 def telemetry_summary(
     bits: torch.Tensor, p_one: torch.Tensor, reference: ArrayLike, bits_per_byte: int
 ) -> dict[str, torch.Tensor]:
     """K from p_one, C and S from the observed bits; each a detached float32 (B,) tensor on p_one's device."""
-    if bits.shape != p_one.shape or bits.dim() != 2:
+    if tuple(bits.shape) != tuple(p_one.shape) or p_one.dim() != 2:
         raise ValueError(
             f"bits and p_one must share one (B, T) shape, got {tuple(bits.shape)} and {tuple(p_one.shape)}"
         )
