@@ -1,0 +1,102 @@
+"""Quality at equal wall-clock: the flat bit model and the byte baseline on tinyshakespeare.
+
+Each model trains for --minutes of optimizer time (evaluation pauses excluded) on the first 90%
+of the file and is scored on the whole last 10% in bits per byte, next to gzip -9 and xz -9e
+on the same validation bytes. Learning curves (val bpb vs training seconds) go to a JSON file
+and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from bitlm.baselines import compressor_bpb
+from bitlm.config import ModelConfig, TrainConfig
+from bitlm.data import Corpus
+from bitlm.engine import fit
+from bitlm.model import BitTransformerLM
+from bitlm.objective import evaluate_bpb
+
+from common import emit, load_shakespeare
+
+EVALS_PER_RUN = 12
+
+
+def race(representation: str, corpus: Corpus, args) -> dict:
+    model_cfg = ModelConfig.from_name(args.preset, representation=representation,
+                                      max_seq_len=args.context_bytes * (9 if representation == "bit" else 1))
+    train_cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes, lr=args.lr,
+                            max_steps=10_000_000, max_seconds=args.minutes * 60, warmup_steps=args.warmup_steps,
+                            eval_every=args.eval_every[representation], eval_batches=10, log_every=100, seed=0)
+    torch.manual_seed(0)
+    model = BitTransformerLM(model_cfg)
+    logs = []
+    result = fit(model, corpus, train_cfg, report=lambda m, c: logs.append(m) if "bytes_per_s" in m else None)
+    final = evaluate_bpb(model, corpus.val.sequential_batches(64, args.context_bytes))
+    bytes_per_s = [m["bytes_per_s"] for m in logs[1:]] or [logs[-1]["bytes_per_s"]]
+    return {"representation": representation, "params": model.num_parameters(), "steps": result.step,
+            "train_seconds": result.train_seconds, "val_bpb": final["bpb"], "val_bytes_scored": final["n_bytes"],
+            "train_bytes_per_s": sum(bytes_per_s) / len(bytes_per_s),
+            "curve": [(h["train_seconds"], h["val/bpb"]) for h in result.history],
+            "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
+
+
+def plot(results: list[dict], refs: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs, ys = zip(*r["curve"])
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['representation']} ({r['params'] / 1e6:.2f}M params)")
+    for name, value in refs.items():
+        ax.axhline(value, ls="--", lw=1, color="grey")
+        ax.text(0, value, f" {name}", va="bottom", fontsize=8, color="grey")
+    ax.set_xlabel("training seconds (2-core CPU)")
+    ax.set_ylabel("validation bits per byte (10-batch estimate)")
+    ax.set_ylim(1.5, 9.5)
+    ax.legend()
+    ax.set_title("tinyshakespeare: bits per byte at equal wall-clock")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--representations", default="byte,bit")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--context-bytes", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--curves", type=Path, default=Path("results/quality_curves.json"))
+    args = parser.parse_args()
+    # evaluate about EVALS_PER_RUN times per run; the bit model takes ~9x longer per step
+    args.eval_every = {"byte": 700, "bit": 80}
+    corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024, val_fraction=0.1)
+    val_bytes = corpus.val.to_numpy().tobytes()
+    refs = compressor_bpb(val_bytes)
+    emit({"bench": "compressors_on_val", "n_bytes": len(val_bytes)} | refs, args.out)
+    results = []
+    for representation in args.representations.split(","):
+        r = race(representation, corpus, args)
+        results.append(r)
+        emit({"bench": "quality_race", "minutes": args.minutes, "preset": args.preset,
+              "context_bytes": args.context_bytes, "batch_size": args.batch_size}
+             | {k: v for k, v in r.items() if k not in ("curve", "model", "train")}, args.out)
+    args.curves.parent.mkdir(parents=True, exist_ok=True)
+    args.curves.write_text(json.dumps(results, indent=1))
+    plot(results, {"gzip -9": refs["gzip-9"], "xz -9e": refs["xz-9e"]}, args.curves.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

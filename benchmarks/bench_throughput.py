@@ -1,0 +1,63 @@
+"""Training throughput (bytes/s and bits/s) of the flat bit model vs the byte baseline at equal size."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bitlm.config import ModelConfig, TrainConfig
+from bitlm.data import Corpus
+from bitlm.engine import build_optimizer
+from bitlm.model import BitTransformerLM
+from bitlm.objective import causal_loss
+
+from common import emit, load_shakespeare
+
+
+def steady_state_rate(model, corpus, cfg: TrainConfig, steps: int, warmup: int) -> float:
+    """Seconds per optimizer step after `warmup` untimed steps."""
+    opt = build_optimizer(model, cfg)
+    batches = corpus.train.random_batches(cfg.batch_size, cfg.context_bytes, seed=0)
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        out = causal_loss(model, next(batches))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--context-bytes", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024)
+    cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes)
+    rates = {}
+    for representation in ("byte", "bit"):
+        model_cfg = ModelConfig.from_name(args.preset, representation=representation,
+                                          max_seq_len=args.context_bytes * (9 if representation == "bit" else 1))
+        torch.manual_seed(0)
+        model = BitTransformerLM(model_cfg).train()
+        seconds = steady_state_rate(model, corpus, cfg, args.steps, args.warmup)
+        bytes_per_s = args.batch_size * args.context_bytes / seconds
+        rates[representation] = bytes_per_s
+        emit({"bench": "train_throughput", "representation": representation, "preset": args.preset,
+              "params": model.num_parameters(), "batch_size": args.batch_size, "context_bytes": args.context_bytes,
+              "positions_per_step": args.batch_size * args.context_bytes * model_cfg.positions_per_byte,
+              "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * model_cfg.bits_per_byte,
+              "positions_per_s": bytes_per_s * model_cfg.positions_per_byte, "s_per_step": seconds}, args.out)
+    emit({"bench": "train_throughput_ratio", "bit_over_byte_bytes_per_s": rates["bit"] / rates["byte"]}, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Shared plumbing of the benchmark scripts: machine description, corpus path, JSON-lines output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a measurement was taken."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": device, "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def load_shakespeare() -> bytes:
+    if not SHAKESPEARE.is_file():
+        raise SystemExit(f"{SHAKESPEARE} not found: the benchmarks read tinyshakespeare from ../shared/data")
+    return SHAKESPEARE.read_bytes()
+
+
+def emit(record: dict[str, Any], out: Optional[Path]) -> None:
+    """Print one JSON line (and append it to `out`)."""
+    line = json.dumps(record | machine(), sort_keys=True)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            f.write(line + "\n")
