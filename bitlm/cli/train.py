@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,13 +15,25 @@ from .options import build_experiment, model_options
 
 def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool):
     """Train per `cfg` on a prepared corpus; write config.json, metrics.jsonl, checkpoints/ and model/."""
-    from ..checkpoint import save_pretrained
+    from .. import checkpoint as ckpt
     from ..config import to_json
     from ..data import Corpus
     from ..engine import fit
     from ..model import BitTransformerLM
 
-    corpus = Corpus.open(data_dir)
+    try:
+        corpus = Corpus.open(data_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+    checkpoints = out / "checkpoints"
+    latest = ckpt.latest_checkpoint(checkpoints) if resume else None
+    if latest is not None and ckpt.read_config(latest) != cfg.model:
+        raise click.UsageError(f"{out} holds checkpoints of a different model ({latest.name}); "
+                               "pass --no-resume to start over or choose another --out")
+    if not resume and checkpoints.exists():
+        # a fresh run must neither prune its own checkpoints against an old run's nor be resumed as it later
+        shutil.rmtree(checkpoints)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(to_json(cfg))
     model = BitTransformerLM(cfg.model)
@@ -39,11 +52,11 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
                        f"K {metrics['val/K']:.3f}  C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", err=True)
 
     try:
-        result = fit(model, corpus, cfg.train, report=report, checkpoint_dir=out / "checkpoints",
+        result = fit(model, corpus, cfg.train, report=report, checkpoint_dir=checkpoints,
                      resume=resume, device=device, progress=progress)
     finally:
         log.close()
-    save_pretrained(model, out / "model")
+    ckpt.save_pretrained(model, out / "model")
     return model, corpus, result
 
 

@@ -1,0 +1,309 @@
+"""bitlm.config: JSON round trips, presets, validation, dotted-key overrides and flatten."""
+
+import dataclasses
+import json
+
+import pytest
+
+from bitlm.config import (MODEL_PRESETS, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides, flatten,
+                          from_dict, to_dict, to_json)
+
+NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
+                                max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
+                                checkpoint_activations=True, chunk_size=32, full_attn_logging=True, act=True,
+                                act_threshold=0.5)
+NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
+                                max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
+                                beta2=0.99, warmup_steps=0, schedule="onecycle", grad_clip=0.0, precision="bf16",
+                                compile=True, log_every=2, eval_every=5, eval_batches=1, checkpoint_every=4,
+                                keep_checkpoints=1)
+
+ROUND_TRIP_CASES = [
+    pytest.param(ModelConfig, ModelConfig(), id="model-default"),
+    pytest.param(ModelConfig, NON_DEFAULT_MODEL, id="model-variant"),
+    pytest.param(TrainConfig, TrainConfig(), id="train-default"),
+    pytest.param(TrainConfig, NON_DEFAULT_TRAIN, id="train-variant"),
+    pytest.param(ExperimentConfig, ExperimentConfig(), id="experiment-default"),
+    pytest.param(ExperimentConfig, ExperimentConfig(model=NON_DEFAULT_MODEL, train=NON_DEFAULT_TRAIN),
+                 id="experiment-variant"),
+]
+
+
+
+
+@pytest.mark.parametrize("cls, cfg", ROUND_TRIP_CASES)
+def test_json_round_trip_is_exact(cls, cfg):
+    assert from_dict(cls, json.loads(to_json(cfg))) == cfg
+
+
+@pytest.mark.parametrize("cls, cfg", ROUND_TRIP_CASES)
+def test_round_trip_preserves_field_types(cls, cfg):
+    # == on dataclasses would accept 1 == 1.0 and True == 1; the rebuilt values must keep their types.
+    rebuilt = from_dict(cls, json.loads(to_json(cfg)))
+    assert {k: type(v) for k, v in flatten(rebuilt).items()} == {k: type(v) for k, v in flatten(cfg).items()}
+
+
+def test_non_default_variants_differ_from_defaults_in_every_field():
+    # Guards the round-trip cases above: each field of the variants really is exercised.
+    for default, variant in ((ModelConfig(), NON_DEFAULT_MODEL), (TrainConfig(), NON_DEFAULT_TRAIN)):
+        same = [f.name for f in dataclasses.fields(default)
+                if getattr(default, f.name) == getattr(variant, f.name) and f.name != "arch"]
+        assert same == []
+
+
+def test_to_dict_nests_sections_as_plain_dicts():
+    data = to_dict(ExperimentConfig())
+    assert set(data) == {"model", "train"}
+    assert data["model"]["n_layers"] == ModelConfig().n_layers
+    assert data["train"]["lr"] == TrainConfig().lr
+    json.dumps(data)  # JSON-safe
+
+
+def test_from_dict_rejects_unknown_fields_and_lists_known_ones():
+    data = to_dict(ModelConfig()) | {"n_layerz": 3}
+    with pytest.raises(ValueError, match="n_layerz") as info:
+        from_dict(ModelConfig, data)
+    assert "n_layers" in str(info.value)
+
+
+def test_from_dict_rejects_unknown_fields_in_a_nested_section():
+    data = to_dict(ExperimentConfig())
+    data["train"]["learning_rate"] = 1.0
+    with pytest.raises(ValueError, match="learning_rate"):
+        from_dict(ExperimentConfig, data)
+
+
+def test_from_dict_fills_missing_fields_with_defaults():
+    assert from_dict(ModelConfig, {"n_layers": 3}) == ModelConfig(n_layers=3)
+
+
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_each_preset_builds_a_valid_config(name):
+    cfg = ModelConfig.from_name(name)
+    assert isinstance(cfg, ModelConfig)
+    assert cfg == MODEL_PRESETS[name]
+    assert cfg.d_model % cfg.n_heads == 0
+
+
+def test_presets_are_tiny_small_and_base_in_increasing_size():
+    assert set(MODEL_PRESETS) == {"tiny", "small", "base"}
+    sizes = [ModelConfig.from_name(n).d_model * ModelConfig.from_name(n).n_layers for n in ("tiny", "small", "base")]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 3
+
+
+def test_from_name_applies_overrides():
+    cfg = ModelConfig.from_name("tiny", n_layers=3, representation="byte")
+    assert (cfg.n_layers, cfg.representation, cfg.d_model) == (3, "byte", MODEL_PRESETS["tiny"].d_model)
+
+
+def test_from_name_overrides_are_validated():
+    with pytest.raises(ValueError, match="model.dropout"):
+        ModelConfig.from_name("tiny", dropout=1.5)
+
+
+def test_unknown_preset_raises_listing_the_choices():
+    with pytest.raises(ValueError, match="huge") as info:
+        ModelConfig.from_name("huge")
+    for name in ("tiny", "small", "base"):
+        assert name in str(info.value)
+
+
+
+
+@pytest.mark.parametrize("build, field", [
+    pytest.param(lambda: ModelConfig(d_model=130, n_heads=4), "model.d_model", id="heads-not-dividing-d_model"),
+    pytest.param(lambda: ModelConfig(dropout=1.0), "model.dropout", id="dropout-1"),
+    pytest.param(lambda: ModelConfig(dropout=-0.1), "model.dropout", id="dropout-negative"),
+    pytest.param(lambda: ModelConfig(chunk_size=0), "model.chunk_size", id="chunk_size-0"),
+    pytest.param(lambda: ModelConfig(representation="word"), "model.representation", id="representation-word"),
+    pytest.param(lambda: ModelConfig(arch="hier"), "model.arch", id="arch-unknown"),
+    pytest.param(lambda: ModelConfig(n_layers=0), "model.n_layers", id="n_layers-0"),
+    pytest.param(lambda: ModelConfig(act_threshold=0.0), "model.act_threshold", id="act_threshold-0"),
+    pytest.param(lambda: TrainConfig(lr=0), "train.lr", id="lr-0"),
+    pytest.param(lambda: TrainConfig(schedule="linear"), "train.schedule", id="schedule-linear"),
+    pytest.param(lambda: TrainConfig(context_bytes=1), "train.context_bytes", id="context_bytes-1"),
+    pytest.param(lambda: TrainConfig(max_seconds=0.0), "train.max_seconds", id="max_seconds-0"),
+    pytest.param(lambda: TrainConfig(batch_size=0), "train.batch_size", id="batch_size-0"),
+    pytest.param(lambda: TrainConfig(precision="fp16"), "train.precision", id="precision-fp16"),
+    pytest.param(lambda: TrainConfig(min_lr_ratio=1.5), "train.min_lr_ratio", id="min_lr_ratio-1.5"),
+])
+def test_invalid_value_raises_value_error_naming_the_field(build, field):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert field in str(info.value)
+
+
+def test_choice_error_lists_the_allowed_values():
+    with pytest.raises(ValueError) as info:
+        TrainConfig(schedule="linear")
+    for allowed in ("cosine", "onecycle", "constant"):
+        assert allowed in str(info.value)
+
+
+def test_boundary_values_are_accepted():
+    ModelConfig(dropout=0.0, chunk_size=1, act_threshold=1.0, n_heads=1, d_model=1)
+    TrainConfig(context_bytes=2, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, checkpoint_every=0)
+
+
+def test_derived_properties_follow_parity_and_representation():
+    assert ModelConfig(parity=True).bits_per_byte == 9
+    assert ModelConfig(parity=False).bits_per_byte == 8
+    assert ModelConfig(parity=True, representation="bit").positions_per_byte == 9
+    assert ModelConfig(parity=True, representation="byte").positions_per_byte == 1
+    assert ModelConfig(d_model=128, n_heads=4).head_dim == 32
+
+
+
+
+def test_override_sets_an_int():
+    cfg = apply_overrides(ExperimentConfig(), ["model.n_layers=8"])
+    assert cfg.model.n_layers == 8 and type(cfg.model.n_layers) is int
+
+
+def test_override_int_accepts_integral_float_notation():
+    cfg = apply_overrides(ExperimentConfig(), ["train.max_steps=1e3"])
+    assert cfg.train.max_steps == 1000 and type(cfg.train.max_steps) is int
+
+
+def test_override_rejects_a_fractional_value_for_an_int():
+    with pytest.raises(ValueError, match="model.n_layers"):
+        apply_overrides(ExperimentConfig(), ["model.n_layers=2.5"])
+
+
+def test_override_sets_a_float():
+    cfg = apply_overrides(ExperimentConfig(), ["train.lr=1e-3"])
+    assert cfg.train.lr == 1e-3 and type(cfg.train.lr) is float
+
+
+@pytest.mark.parametrize("text, expected", [("true", True), ("True", True), ("1", True), ("yes", True),
+                                            ("on", True), ("false", False), ("0", False), ("off", False)])
+def test_override_sets_a_bool(text, expected):
+    base = ExperimentConfig(model=ModelConfig(reversible=not expected))
+    cfg = apply_overrides(base, [f"model.reversible={text}"])
+    assert cfg.model.reversible is expected
+
+
+def test_override_rejects_a_non_boolean_for_a_bool_field():
+    with pytest.raises(ValueError, match="model.reversible") as info:
+        apply_overrides(ExperimentConfig(), ["model.reversible=maybe"])
+    assert "boolean" in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["none", "None", "null"])
+def test_override_none_clears_an_optional_field(text):
+    base = ExperimentConfig(model=ModelConfig(chunk_size=64))
+    assert apply_overrides(base, [f"model.chunk_size={text}"]).model.chunk_size is None
+
+
+def test_override_sets_an_optional_int():
+    assert apply_overrides(ExperimentConfig(), ["model.chunk_size=64"]).model.chunk_size == 64
+
+
+def test_override_sets_an_optional_float():
+    cfg = apply_overrides(ExperimentConfig(), ["train.max_seconds=30"])
+    assert cfg.train.max_seconds == 30.0 and type(cfg.train.max_seconds) is float
+
+
+def test_override_sets_a_literal_choice():
+    assert apply_overrides(ExperimentConfig(), ["model.representation=byte"]).model.representation == "byte"
+
+
+def test_overrides_apply_in_order_and_leave_other_fields_alone():
+    base = ExperimentConfig(model=ModelConfig.from_name("tiny"))
+    cfg = apply_overrides(base, ["model.n_layers=3", "train.lr=0.01", "model.n_layers=5"])
+    assert cfg.model.n_layers == 5 and cfg.train.lr == 0.01
+    assert dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=base.model.n_layers),
+                               train=dataclasses.replace(cfg.train, lr=base.train.lr)) == base
+
+
+def test_overrides_return_a_new_config_and_leave_the_input_unchanged():
+    base = ExperimentConfig()
+    cfg = apply_overrides(base, ["model.n_layers=8"])
+    assert base.model.n_layers == ModelConfig().n_layers and cfg is not base
+
+
+def test_override_strips_whitespace_around_key_and_value():
+    assert apply_overrides(ExperimentConfig(), [" model.n_layers = 6 "]).model.n_layers == 6
+
+
+def test_override_value_may_contain_an_equals_sign():
+    # Split on the first "=" only; the Literal check then rejects the value, naming the field.
+    with pytest.raises(ValueError, match="model.representation"):
+        apply_overrides(ExperimentConfig(), ["model.representation=a=b"])
+
+
+def test_override_unknown_key_names_the_known_fields():
+    with pytest.raises(ValueError, match="nope") as info:
+        apply_overrides(ExperimentConfig(), ["model.nope=1"])
+    assert "n_layers" in str(info.value) and "dropout" in str(info.value)
+
+
+def test_override_unknown_section_names_the_known_sections():
+    with pytest.raises(ValueError, match="optim") as info:
+        apply_overrides(ExperimentConfig(), ["optim.lr=1"])
+    assert "model" in str(info.value) and "train" in str(info.value)
+
+
+def test_override_of_a_whole_section_is_rejected():
+    with pytest.raises(ValueError, match="section"):
+        apply_overrides(ExperimentConfig(), ["model=tiny"])
+
+
+def test_override_path_through_a_scalar_is_rejected():
+    with pytest.raises(ValueError, match="not a config section"):
+        apply_overrides(ExperimentConfig(), ["model.n_layers.x=1"])
+
+
+def test_override_without_equals_explains_the_syntax():
+    with pytest.raises(ValueError, match="key=value") as info:
+        apply_overrides(ExperimentConfig(), ["model.n_layers"])
+    assert "model.n_layers" in str(info.value)
+
+
+def test_override_that_fails_validation_names_the_field():
+    with pytest.raises(ValueError, match="model.dropout"):
+        apply_overrides(ExperimentConfig(), ["model.dropout=2"])
+
+
+def test_override_cross_field_validation_runs():
+    with pytest.raises(ValueError, match="model.d_model"):
+        apply_overrides(ExperimentConfig(), ["model.n_heads=3"])
+
+
+def test_override_with_an_unparseable_number_names_the_field():
+    with pytest.raises(ValueError, match="train.lr"):
+        apply_overrides(ExperimentConfig(), ["train.lr=fast"])
+
+
+def test_override_works_on_a_section_config_directly():
+    assert apply_overrides(TrainConfig(), ["lr=0.5"]).lr == 0.5
+
+
+@pytest.mark.parametrize("cfg, name", [(ModelConfig(), "n_layers"), (TrainConfig(), "lr"),
+                                       (ExperimentConfig(), "model")])
+def test_configs_are_frozen(cfg, name):
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(cfg, name, getattr(cfg, name))
+
+
+
+
+def test_flatten_gives_dotted_keys_for_every_field():
+    flat = flatten(ExperimentConfig())
+    assert flat["model.n_layers"] == ModelConfig().n_layers
+    assert flat["train.lr"] == TrainConfig().lr
+    expected = ({f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
+                | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)})
+    assert set(flat) == expected
+
+
+def test_flatten_keys_are_accepted_by_apply_overrides():
+    cfg = ExperimentConfig(model=NON_DEFAULT_MODEL, train=NON_DEFAULT_TRAIN)
+    assignments = [f"{k}={'none' if v is None else v}" for k, v in flatten(cfg).items()]
+    assert apply_overrides(ExperimentConfig(), assignments) == cfg
+
+
+def test_flatten_of_a_section_has_undotted_keys():
+    assert flatten(TrainConfig())["lr"] == TrainConfig().lr
