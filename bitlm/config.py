@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-Arch = Literal["flat"]
+Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
 Schedule = Literal["cosine", "onecycle", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -35,7 +35,7 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 4
     d_ff: int = 512
-    max_seq_len: int = 2304  # positions: bits for representation="bit", bytes for "byte"
+    max_seq_len: int = 2304  # transformer positions: bits for the flat bit model, bytes otherwise
     dropout: float = 0.0
     parity: bool = True
     causal: bool = True
@@ -45,11 +45,15 @@ class ModelConfig:
     full_attn_logging: bool = False  # return (B, H, T, T) attention maps with telemetry
     act: bool = False  # adaptive computation time halting over layers
     act_threshold: float = 0.99
+    # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
+    local_d_model: int = 64
+    local_d_ff: int = 256
+    local_layers: int = 2
 
     def __post_init__(self) -> None:
         _check_choice(self.arch, "model.arch", Arch)
         _check_choice(self.representation, "model.representation", Representation)
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len", "local_d_model", "local_d_ff"):
             _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}, got {self.d_model}")
@@ -58,6 +62,9 @@ class ModelConfig:
                f"must be None or >= 1, got {self.chunk_size}")
         _check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
+        _check(self.local_layers >= 0, "model.local_layers", f"must be >= 0, got {self.local_layers}")
+        _check(self.arch == "flat" or self.representation == "bit", "model.arch",
+               f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
     @property
     def bits_per_byte(self) -> int:
@@ -65,9 +72,19 @@ class ModelConfig:
         return 9 if self.parity else 8
 
     @property
-    def positions_per_byte(self) -> int:
-        """Transformer positions spent per byte of text."""
+    def ids_per_byte(self) -> int:
+        """Input ids (and output logits) per byte of text: bits for bit models, 1 for the byte baseline."""
         return self.bits_per_byte if self.representation == "bit" else 1
+
+    @property
+    def positions_per_byte(self) -> int:
+        """Transformer positions spent per byte of text (the patched model runs at byte rate)."""
+        return self.bits_per_byte if (self.representation == "bit" and self.arch == "flat") else 1
+
+    @property
+    def max_input_ids(self) -> int:
+        """Longest id sequence one forward accepts (max_seq_len positions, in ids)."""
+        return self.max_seq_len * self.ids_per_byte // self.positions_per_byte
 
     @property
     def head_dim(self) -> int:
@@ -75,16 +92,27 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A named preset (`tiny`, `small`, `base`), optionally with field overrides."""
+        """A named preset (`tiny`, `small`, `base`) for any arch/representation, with field overrides.
+
+        A preset fixes the shape and a context in bytes; max_seq_len follows from it for the chosen
+        architecture (bits for the flat bit model, bytes otherwise) unless given explicitly.
+        """
         if name not in MODEL_PRESETS:
             raise ValueError(f"model preset: unknown {name!r}; choose from {sorted(MODEL_PRESETS)}")
-        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+        shape = dict(MODEL_PRESETS[name])
+        context_bytes = shape.pop("context_bytes")
+        explicit_len = "max_seq_len" in overrides
+        cfg = cls(**(shape | overrides))
+        if explicit_len:
+            return cfg
+        return dataclasses.replace(cfg, max_seq_len=context_bytes * cfg.positions_per_byte)
 
 
-MODEL_PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(d_model=64, n_heads=4, n_layers=2, d_ff=256, max_seq_len=1152),
-    "small": ModelConfig(d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=2304),
-    "base": ModelConfig(d_model=512, n_heads=8, n_layers=8, d_ff=2048, max_seq_len=4608),
+# Shapes plus the context (in bytes) each preset is sized for.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 256, "context_bytes": 128},
+    "small": {"d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512, "context_bytes": 256},
+    "base": {"d_model": 512, "n_heads": 8, "n_layers": 8, "d_ff": 2048, "context_bytes": 512},
 }
 
 

@@ -65,13 +65,11 @@ def lr_factor(cfg: TrainConfig, step: int, train_seconds: float) -> float:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norms or embeddings)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name and "phase" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW with weight decay on the weights of linear layers only (not biases, norms or embeddings)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
@@ -101,10 +99,10 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
     """
     device = resolve_device(device)
     base = model.to(device)
-    positions = cfg.context_bytes * base.config.positions_per_byte
-    if positions > base.config.max_seq_len:
-        raise ValueError(f"train.context_bytes={cfg.context_bytes} needs {positions} positions but "
-                         f"model.max_seq_len={base.config.max_seq_len}")
+    ids = cfg.context_bytes * base.config.ids_per_byte
+    if ids > base.config.max_input_ids:
+        raise ValueError(f"train.context_bytes={cfg.context_bytes} needs {ids} input ids but the model takes "
+                         f"{base.config.max_input_ids} (model.max_seq_len={base.config.max_seq_len})")
     # S compares bits with the corpus for either representation (the byte model's bytes as bits)
     base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
     torch.manual_seed(cfg.seed)

@@ -24,7 +24,7 @@ def evaluate_text(model, data: bytes, *, overlap_bytes: int | None = None) -> di
         ids = torch.as_tensor(bytes_to_bits(data, parity=cfg.parity), dtype=torch.long)
     else:
         ids = torch.as_tensor(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
-    ppb = cfg.positions_per_byte
+    ppb = cfg.ids_per_byte
     overlap = None if overlap_bytes is None else overlap_bytes * ppb
     logits = infer_long_sequence(model, ids, overlap=overlap)  # (T, V)
     targets = ids[1:].to(logits.device)

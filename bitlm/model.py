@@ -1,18 +1,24 @@
-"""BitTransformerLM: bits (or bytes, for the baseline) in, next-bit or denoising logits out."""
+"""BitTransformerLM: bits (or bytes, for the baseline) in, next-bit or denoising logits out.
+
+The architecture body (`flat` here, `patched` in bitlm.patched) turns ids into logits; this
+class owns what every architecture shares: the config, input checks, the corpus reference of
+the S metric, telemetry and the decoding entry points used by bitlm.sampling.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from . import telemetry as tm
 from .attention import KVCache
-from .blocks import BlockStack
+from .blocks import BlockStack, StackOutput
 from .codec import bytes_to_bit_tensor
 from .config import ModelConfig
-from . import telemetry as tm
 
 MASK = 2  # input id of a masked bit (diffusion mode); bits are 0 and 1
 BYTE_MASK = 256  # input id of a masked byte in the byte baseline
@@ -28,27 +34,76 @@ def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
     return table
 
 
+@dataclass
+class DecodeState:
+    """Incremental causal decoding of one batch: the KV cache plus whatever the body needs."""
+
+    cache: KVCache
+    extra: Any = None  # per-architecture state (the patched body keeps the current byte here)
+
+
+class FlatBody(nn.Module):
+    """One transformer position per input id: the seeds' design, and the byte baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        is_bits = cfg.representation == "bit"
+        self.n_inputs = 3 if is_bits else 257  # + MASK
+        self.n_outputs = 2 if is_bits else 256
+        self.embed = nn.Embedding(self.n_inputs, cfg.d_model)
+        # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
+        self.phase = nn.Embedding(cfg.bits_per_byte, cfg.d_model) if is_bits else None
+        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.stack = BlockStack(cfg)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, self.n_outputs)
+
+    @property
+    def cache_capacity(self) -> int:
+        return self.cfg.max_seq_len
+
+    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
+                return_weights: bool = False) -> tuple[torch.Tensor, StackOutput]:
+        start = cache.length if cache is not None else 0
+        T = x.shape[1]
+        h = self.embed(x) + self.positions[start:start + T]  # (B, T, d)
+        if self.phase is not None:
+            h = h + self.phase(torch.arange(start, start + T, device=x.device) % self.cfg.bits_per_byte)
+        out = self.stack(h, causal=causal, cache=cache, return_weights=return_weights)
+        if cache is not None:
+            cache.advance(T)
+        return self.head(self.norm(out.hidden.to(h.dtype))), out
+
+    def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
+        logits, _ = self(ids, causal=True, cache=cache)
+        return DecodeState(cache=cache), logits[:, -1]
+
+    def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = self(next_ids[:, None], causal=True, cache=state.cache)
+        return logits[:, -1]
+
+    def can_extend(self, state: DecodeState) -> bool:
+        return state.cache.length < state.cache.capacity
+
+
 class BitTransformerLM(nn.Module):
-    """A transformer over bit positions (`representation="bit"`) or byte positions (the baseline)."""
+    """A transformer language model over bits (`flat` or `patched`) or bytes (the baseline)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        d = config.d_model
-        is_bits = config.representation == "bit"
-        self.n_inputs = 3 if is_bits else 257  # + MASK
-        self.n_outputs = 2 if is_bits else 256
-        self.embed = nn.Embedding(self.n_inputs, d)
-        # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
-        self.phase = nn.Embedding(config.bits_per_byte, d) if is_bits else None
-        self.register_buffer("positions", sinusoidal_table(config.max_seq_len, d), persistent=False)
-        self.stack = BlockStack(config)
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, self.n_outputs)
+        if config.arch == "patched":
+            from .patched import PatchedBody
+
+            self.body = PatchedBody(config)
+        else:
+            self.body = FlatBody(config)
+        self.n_inputs, self.n_outputs = self.body.n_inputs, self.body.n_outputs
         # per-phase P(bit=1) of the training corpus: the reference of the symbiosis metric S
         self.register_buffer("reference_marginals", torch.full((config.bits_per_byte,), 0.5))
         self.apply(_init_weights)
-        self.stack.init_halting()
+        self.body.stack.init_halting()
 
     @property
     def causal(self) -> bool:
@@ -57,7 +112,7 @@ class BitTransformerLM(nn.Module):
     def num_parameters(self, *, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed.weight.numel() + (self.phase.weight.numel() if self.phase is not None else 0)
+            n -= sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Embedding))
         return n
 
     def set_reference_marginals(self, marginals) -> None:
@@ -68,37 +123,23 @@ class BitTransformerLM(nn.Module):
         self.reference_marginals.copy_(values.to(self.reference_marginals.device))
 
     def new_cache(self, batch_size: int, capacity: Optional[int] = None) -> KVCache:
-        """An empty KV cache sized for `capacity` positions (default: max_seq_len)."""
+        """An empty KV cache of `capacity` transformer positions (default: the body's maximum)."""
         cfg = self.config
-        capacity = capacity or cfg.max_seq_len
-        p = self.head.weight
-        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, capacity, device=p.device, dtype=p.dtype)
+        p = self.reference_marginals
+        return KVCache(cfg.n_layers, batch_size, cfg.n_heads, cfg.head_dim, capacity or self.body.cache_capacity,
+                       device=p.device, dtype=next(self.parameters()).dtype)
 
     def forward(self, x: torch.Tensor, *, causal: Optional[bool] = None, cache: Optional[KVCache] = None,
                 return_telemetry: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (B, T, 2) for bits or (B, T, 256) for bytes, and telemetry when asked.
 
-        Causal: logits[:, t] predicts position t+1 from positions <= t. Non-causal (diffusion):
+        Causal: logits[:, t] predicts id t+1 from ids <= t. Non-causal (diffusion):
         logits[:, t] predicts the clean value at position t.
         """
         causal = self.config.causal if causal is None else causal
-        B, T = x.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} positions exceeds model.max_seq_len="
-                             f"{self.config.max_seq_len}; use infer_long_sequence for longer inputs")
-        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.n_inputs):
-            raise ValueError(f"input ids must be in [0, {self.n_inputs - 1}] for representation="
-                             f"{self.config.representation!r}, got range [{int(x.min())}, {int(x.max())}]")
-        h = self.embed(x) + self.positions[start:start + T]  # (B, T, d)
-        if self.phase is not None:
-            phase_ids = torch.arange(start, start + T, device=x.device) % self.config.bits_per_byte
-            h = h + self.phase(phase_ids)
+        self._check_ids(x, cache)
         want_maps = return_telemetry and self.config.full_attn_logging
-        out = self.stack(h, causal=causal, cache=cache, return_weights=want_maps)
-        if cache is not None:
-            cache.advance(T)
-        logits = self.head(self.norm(out.hidden.to(h.dtype)))
+        logits, out = self.body(x, causal=causal, cache=cache, return_weights=want_maps)
         if not return_telemetry:
             return logits, {}
         telemetry = self._telemetry(x, logits.detach())
@@ -108,6 +149,30 @@ class BitTransformerLM(nn.Module):
         if want_maps:
             telemetry["attention_maps"] = [m.detach() for m in out.attention_maps]
         return logits, telemetry
+
+    @torch.no_grad()
+    def start_decoding(self, ids: torch.Tensor, capacity: Optional[int] = None) -> tuple[DecodeState, torch.Tensor]:
+        """Read a (B, T) causal prefix; returns the decoding state and the logits of id T."""
+        self._check_ids(ids, None)
+        return self.body.start_decoding(ids, self.new_cache(ids.shape[0], capacity))
+
+    @torch.no_grad()
+    def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one id per row (B,); returns the logits (B, V) of the id after it."""
+        return self.body.decode_next(state, next_ids)
+
+    def can_extend(self, state: DecodeState) -> bool:
+        """Whether the state has room for one more id."""
+        return self.body.can_extend(state)
+
+    def _check_ids(self, x: torch.Tensor, cache: Optional[KVCache]) -> None:
+        start = cache.length * self.config.ids_per_byte // self.config.positions_per_byte if cache is not None else 0
+        if start + x.shape[1] > self.config.max_input_ids:
+            raise ValueError(f"sequence of {start + x.shape[1]} ids exceeds the model's {self.config.max_input_ids} "
+                             f"(model.max_seq_len={self.config.max_seq_len}); use infer_long_sequence for longer inputs")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.n_inputs):
+            raise ValueError(f"input ids must be in [0, {self.n_inputs - 1}] for representation="
+                             f"{self.config.representation!r}, got range [{int(x.min())}, {int(x.max())}]")
 
     def _telemetry(self, x: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
         """K from the predictions; C and S from the input bits (MASK entries count as 0)."""

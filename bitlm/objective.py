@@ -41,7 +41,7 @@ def causal_loss(model, byte_windows: torch.Tensor) -> LossOutput:
     per_position = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)  # (B, T-1): entry t is the loss of position t+1
-    first_scored = model.config.positions_per_byte - 1  # first position of byte 1, minus the shift
+    first_scored = model.config.ids_per_byte - 1  # first id of byte 1, minus the shift
     nll_bits = per_position[:, first_scored:].detach().sum() / LN2
     n_bytes = byte_windows.shape[0] * (byte_windows.shape[1] - 1)
     return LossOutput(loss=per_position.mean(), nll_bits=nll_bits, n_bytes=n_bytes)

@@ -55,9 +55,10 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
                  use_cache: bool = True) -> torch.Tensor:
     """Extend (B, T0) prompt ids by n_new sampled ids; returns (B, T0 + n_new).
 
-    With the cache each new position costs one incremental step. When the context fills up, the
-    oldest half is dropped (on a byte boundary, so bit phases stay aligned) and the rest re-read.
-    `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested on).
+    With the cache each new id costs one incremental step (for the patched model: local steps, plus
+    one global step per completed byte). When the context fills up, the oldest half is dropped on a
+    byte boundary (so bit phases stay aligned) and the rest re-read. `use_cache=False` recomputes
+    the whole prefix each step (the reference the cache is tested on).
     """
     _check_sampling(temperature, top_k, top_p)
     if prompt.dim() != 2 or prompt.shape[1] == 0:
@@ -69,18 +70,20 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     seq = prompt.to(device)
-    keep = max(cfg.positions_per_byte, (cfg.max_seq_len // 2) // cfg.positions_per_byte * cfg.positions_per_byte)
+    unit = cfg.ids_per_byte
+    keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
     try:
-        cache, logits = None, None
+        state = None
         for _ in range(n_new):
-            if use_cache and cache is not None and cache.length < cfg.max_seq_len:
-                logits, _ = model(seq[:, -1:], causal=True, cache=cache)
+            if use_cache and state is not None and model.can_extend(state):
+                logits = model.decode_next(state, seq[:, -1])
             else:
-                context = seq if seq.shape[1] <= cfg.max_seq_len else seq[:, -keep:]
+                context = seq if seq.shape[1] <= cfg.max_input_ids else seq[:, -(keep_bytes * unit + seq.shape[1] % unit):]
                 if use_cache:
-                    cache = model.new_cache(seq.shape[0])
-                logits, _ = model(context, causal=True, cache=cache)
-            nxt = _pick(logits[:, -1], temperature, top_k, top_p, generator)
+                    state, logits = model.start_decoding(context)
+                else:
+                    logits = model(context, causal=True)[0][:, -1]
+            nxt = _pick(logits, temperature, top_k, top_p, generator)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     finally:
         model.train(was_training)
@@ -132,13 +135,13 @@ def infer_long_sequence(model, ids: torch.Tensor, *, window: Optional[int] = Non
     cfg = model.config
     squeeze = ids.dim() == 1
     ids = ids[None] if squeeze else ids
-    step_unit = cfg.positions_per_byte
-    window = window or cfg.max_seq_len
+    step_unit = cfg.ids_per_byte
+    window = window or cfg.max_input_ids
     window = window // step_unit * step_unit
     overlap = window // 2 if overlap is None else overlap
     overlap = overlap // step_unit * step_unit
-    if not 0 < window <= cfg.max_seq_len:
-        raise ValueError(f"window must be in [{step_unit}, {cfg.max_seq_len}] positions, got {window}")
+    if not 0 < window <= cfg.max_input_ids:
+        raise ValueError(f"window must be in [{step_unit}, {cfg.max_input_ids}] ids, got {window}")
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
     was_training = model.training

@@ -11,7 +11,7 @@ from bitlm.config import (MODEL_PRESETS, ExperimentConfig, ModelConfig, TrainCon
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
                                 max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
                                 checkpoint_activations=True, chunk_size=32, full_attn_logging=True, act=True,
-                                act_threshold=0.5)
+                                act_threshold=0.5, local_d_model=32, local_d_ff=96, local_layers=1)
 NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
                                 max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
                                 beta2=0.99, warmup_steps=0, schedule="onecycle", grad_clip=0.0, precision="bf16",
@@ -27,7 +27,6 @@ ROUND_TRIP_CASES = [
     pytest.param(ExperimentConfig, ExperimentConfig(model=NON_DEFAULT_MODEL, train=NON_DEFAULT_TRAIN),
                  id="experiment-variant"),
 ]
-
 
 
 
@@ -78,12 +77,13 @@ def test_from_dict_fills_missing_fields_with_defaults():
 
 
 
-
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
 def test_each_preset_builds_a_valid_config(name):
     cfg = ModelConfig.from_name(name)
     assert isinstance(cfg, ModelConfig)
-    assert cfg == MODEL_PRESETS[name]
+    shape = {k: v for k, v in MODEL_PRESETS[name].items() if k != "context_bytes"}
+    assert {k: getattr(cfg, k) for k in shape} == shape
+    assert cfg.max_input_ids == MODEL_PRESETS[name]["context_bytes"] * cfg.bits_per_byte
     assert cfg.d_model % cfg.n_heads == 0
 
 
@@ -95,7 +95,7 @@ def test_presets_are_tiny_small_and_base_in_increasing_size():
 
 def test_from_name_applies_overrides():
     cfg = ModelConfig.from_name("tiny", n_layers=3, representation="byte")
-    assert (cfg.n_layers, cfg.representation, cfg.d_model) == (3, "byte", MODEL_PRESETS["tiny"].d_model)
+    assert (cfg.n_layers, cfg.representation, cfg.d_model) == (3, "byte", MODEL_PRESETS["tiny"]["d_model"])
 
 
 def test_from_name_overrides_are_validated():
@@ -108,7 +108,6 @@ def test_unknown_preset_raises_listing_the_choices():
         ModelConfig.from_name("huge")
     for name in ("tiny", "small", "base"):
         assert name in str(info.value)
-
 
 
 

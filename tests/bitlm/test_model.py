@@ -71,12 +71,12 @@ def _grads(model, x):
 
 def _grads_plain_coupling(model, x):
     """Gradients of the same reversible coupling, computed by ordinary autograd."""
-    original = model.stack._reversible
-    model.stack._reversible = lambda h, causal, per_layer: model.stack._coupled_inference(h, causal, None, False)
+    original = model.body.stack._reversible
+    model.body.stack._reversible = lambda h, causal, per_layer: model.body.stack._coupled_inference(h, causal, None, False)
     try:
         return _grads(model, x)
     finally:
-        model.stack._reversible = original
+        model.body.stack._reversible = original
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -1,0 +1,147 @@
+"""The byte-patched bit model: a global transformer at byte rate and a small local decoder per bit.
+
+Bits in, per-bit logits out, in the flat model's layout, with exact bit-level causality:
+  byte encoder   each byte's bits -> one vector (sum of per-(phase, value) embeddings + an MLP);
+  global stack   the shared BlockStack over byte positions, shifted right behind a learned BOS
+                 in causal mode, so the state of byte i has seen bytes < i only;
+  local decoder  bit j of byte i from the global state of byte i plus an embedding of bits < j of
+                 byte i (exclusive prefix sum) and a query for phase j, through residual MLPs.
+Non-causal (diffusion) mode: no shift (every byte sees every byte, masked bits enter the encoder
+as MASK) and no prefix: each bit is read back from its own byte's state.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import KVCache
+from .blocks import BlockStack, StackOutput
+from .config import ModelConfig
+from .model import DecodeState, sinusoidal_table
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, d: int, d_ff: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class PatchedBody(nn.Module):
+    n_inputs = 3  # 0, 1, MASK
+    n_outputs = 2
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        bpb, d, dl = cfg.bits_per_byte, cfg.d_model, cfg.local_d_model
+        self.bits_per_byte = bpb
+        # id of (phase j, value v) = 3 j + v: one table serves the encoder, another the local prefix
+        self.byte_bits = nn.Embedding(3 * bpb, d)
+        self.byte_mlp = _ResidualMLP(d, 2 * d)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len + 1, d), persistent=False)
+        self.stack = BlockStack(cfg)
+        self.norm = nn.LayerNorm(d)
+        self.to_local = nn.Linear(d, dl)
+        self.prefix_bits = nn.Embedding(3 * bpb, dl)
+        self.query_phase = nn.Embedding(bpb, dl)
+        self.local = nn.Sequential(*(_ResidualMLP(dl, cfg.local_d_ff) for _ in range(cfg.local_layers)))
+        self.local_norm = nn.LayerNorm(dl)
+        self.head = nn.Linear(dl, 2)
+        self.register_buffer("phase_offsets", 3 * torch.arange(bpb), persistent=False)
+
+    @property
+    def cache_capacity(self) -> int:
+        return self.cfg.max_seq_len + 1  # + the BOS position
+
+    def encode_bytes(self, bits: torch.Tensor) -> torch.Tensor:
+        """(B, L, bpb) bit ids -> (B, L, d) byte vectors."""
+        return self.byte_mlp(self.byte_bits(bits + self.phase_offsets).sum(dim=2))
+
+    def _local_logits(self, ctx: torch.Tensor, bits: Optional[torch.Tensor], phases: torch.Tensor) -> torch.Tensor:
+        """Bit logits (..., n_phases, 2) from local contexts (..., dl) and the byte's earlier bits.
+
+        `bits` (..., n_prefix) are the byte's bits before the first predicted phase when predicting
+        a whole byte causally (exclusive prefix sums are taken here), or None (no prefix).
+        """
+        u = ctx.unsqueeze(-2) + self.query_phase(phases)  # (..., n_phases, dl)
+        if bits is not None:
+            emb = self.prefix_bits(bits + self.phase_offsets[: bits.shape[-1]])  # (..., n_prefix, dl)
+            inclusive = emb.cumsum(dim=-2)
+            exclusive = torch.cat([emb.new_zeros(*emb.shape[:-2], 1, emb.shape[-1]), inclusive], dim=-2)
+            u = u + exclusive[..., phases, :]
+        return self.head(self.local_norm(self.local(u)))
+
+    def _global(self, byte_vectors: torch.Tensor, *, causal: bool, cache: Optional[KVCache],
+                return_weights: bool) -> tuple[torch.Tensor, StackOutput]:
+        """Run the stack over (B, N, d) inputs placed after the cache; returns local contexts (B, N, dl)."""
+        start = cache.length if cache is not None else 0
+        n = byte_vectors.shape[1]
+        out = self.stack(byte_vectors + self.positions[start:start + n], causal=causal, cache=cache,
+                         return_weights=return_weights)
+        if cache is not None:
+            cache.advance(n)
+        return self.to_local(self.norm(out.hidden.to(byte_vectors.dtype))), out
+
+    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
+                return_weights: bool = False) -> tuple[torch.Tensor, StackOutput]:
+        if cache is not None:
+            raise ValueError("patched models decode incrementally through start_decoding/decode_next")
+        B, T = x.shape
+        bpb = self.bits_per_byte
+        if T % bpb:
+            if not causal:
+                raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
+            # causality is exact, so padding the last byte changes no logit before the padding
+            logits, out = self(torch.nn.functional.pad(x, (0, bpb - T % bpb)), causal=True,
+                               return_weights=return_weights)
+            return logits[:, :T], out
+        L = T // bpb
+        bits = x.view(B, L, bpb)
+        encoded = self.encode_bytes(bits)  # (B, L, d)
+        phases = torch.arange(bpb, device=x.device)
+        if not causal:
+            ctx, out = self._global(encoded, causal=False, cache=None, return_weights=return_weights)
+            return self._local_logits(ctx, None, phases).reshape(B, T, 2), out
+        # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
+        shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
+        ctx, out = self._global(shifted, causal=True, cache=None, return_weights=return_weights)  # (B, L+1, dl)
+        padded = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
+        per_bit = self._local_logits(ctx, padded[..., :-1], phases).reshape(B, (L + 1) * bpb, 2)
+        # per_bit[:, k] predicts bit k; the shared layout wants logits[:, t] to predict bit t + 1
+        return per_bit[:, 1:T + 1], out
+
+    def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
+        B, T = ids.shape
+        n_full = T // self.bits_per_byte
+        encoded = self.encode_bytes(ids[:, :n_full * self.bits_per_byte].view(B, n_full, self.bits_per_byte))
+        shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
+        ctx, _ = self._global(shifted, causal=True, cache=cache, return_weights=False)
+        state = DecodeState(cache=cache, extra={"ctx": ctx[:, -1], "prefix": ids[:, n_full * self.bits_per_byte:]})
+        return state, self._next_bit_logits(state)
+
+    def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
+        prefix = torch.cat([state.extra["prefix"], next_ids[:, None]], dim=1)
+        if prefix.shape[1] == self.bits_per_byte:  # byte complete: one global step
+            encoded = self.encode_bytes(prefix[:, None])
+            ctx, _ = self._global(encoded, causal=True, cache=state.cache, return_weights=False)
+            state.extra = {"ctx": ctx[:, -1], "prefix": prefix[:, :0]}
+        else:
+            state.extra = {"ctx": state.extra["ctx"], "prefix": prefix}
+        return self._next_bit_logits(state)
+
+    def _next_bit_logits(self, state: DecodeState) -> torch.Tensor:
+        prefix = state.extra["prefix"]
+        phase = torch.tensor([prefix.shape[1]], device=prefix.device)
+        return self._local_logits(state.extra["ctx"], prefix, phase)[:, 0]
+
+    def can_extend(self, state: DecodeState) -> bool:
+        # completing the current byte needs one more global position
+        return (state.extra["prefix"].shape[1] < self.bits_per_byte - 1
+                or state.cache.length < state.cache.capacity)
