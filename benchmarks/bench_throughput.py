@@ -1,4 +1,4 @@
-"""Training throughput (bytes/s and bits/s) of the flat bit model vs the byte baseline at equal size."""
+"""Training throughput (bytes/s and bits/s) of the flat and patched bit models and the byte baseline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from bitlm.engine import build_optimizer
 from bitlm.model import BitTransformerLM
 from bitlm.objective import causal_loss
 
-from common import emit, load_shakespeare
+from common import CONTENDERS, contender_config, emit, load_shakespeare
 
 
 def steady_state_rate(model, corpus, cfg: TrainConfig, steps: int, warmup: int) -> float:
@@ -38,25 +38,27 @@ def main() -> None:
     parser.add_argument("--context-bytes", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", default=",".join(CONTENDERS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024)
     cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes)
     rates = {}
-    for representation in ("byte", "bit"):
-        model_cfg = ModelConfig.from_name(args.preset, representation=representation,
-                                          max_seq_len=args.context_bytes * (9 if representation == "bit" else 1))
+    for name in args.models.split(","):
+        model_cfg = contender_config(name, args.preset, args.context_bytes)
         torch.manual_seed(0)
         model = BitTransformerLM(model_cfg).train()
         seconds = steady_state_rate(model, corpus, cfg, args.steps, args.warmup)
         bytes_per_s = args.batch_size * args.context_bytes / seconds
-        rates[representation] = bytes_per_s
-        emit({"bench": "train_throughput", "representation": representation, "preset": args.preset,
+        rates[name] = bytes_per_s
+        emit({"bench": "train_throughput", "model": name, "preset": args.preset,
               "params": model.num_parameters(), "batch_size": args.batch_size, "context_bytes": args.context_bytes,
               "positions_per_step": args.batch_size * args.context_bytes * model_cfg.positions_per_byte,
               "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * model_cfg.bits_per_byte,
               "positions_per_s": bytes_per_s * model_cfg.positions_per_byte, "s_per_step": seconds}, args.out)
-    emit({"bench": "train_throughput_ratio", "bit_over_byte_bytes_per_s": rates["bit"] / rates["byte"]}, args.out)
+    if "byte" in rates:
+        emit({"bench": "train_throughput_vs_byte"} | {f"{k}_over_byte": v / rates["byte"] for k, v in rates.items()},
+             args.out)
 
 
 if __name__ == "__main__":

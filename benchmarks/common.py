@@ -36,3 +36,18 @@ def emit(record: dict[str, Any], out: Optional[Path]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
             f.write(line + "\n")
+
+
+CONTENDERS = ("byte", "flat", "patched")
+
+
+def contender_config(name: str, preset: str, context_bytes: int, **overrides):
+    """The ModelConfig of a race contender: the byte baseline, the flat bit model or the patched one."""
+    from bitlm.config import ModelConfig
+
+    kinds = {"byte": {"representation": "byte"}, "flat": {"arch": "flat"}, "patched": {"arch": "patched"}}
+    if name not in kinds:
+        raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
+    probe = ModelConfig.from_name(preset, **kinds[name], **overrides)
+    return ModelConfig.from_name(preset, **kinds[name], **overrides,
+                                 max_seq_len=context_bytes * probe.positions_per_byte)

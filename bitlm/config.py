@@ -46,14 +46,13 @@ class ModelConfig:
     act: bool = False  # adaptive computation time halting over layers
     act_threshold: float = 0.99
     # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
-    local_d_model: int = 64
-    local_d_ff: int = 256
-    local_layers: int = 2
+    local_d_ff: int = 256  # width of the per-byte features z that every bit's tree node reads
+    local_layers: int = 1  # residual MLPs computing z from the global state (run once per byte)
 
     def __post_init__(self) -> None:
         _check_choice(self.arch, "model.arch", Arch)
         _check_choice(self.representation, "model.representation", Representation)
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len", "local_d_model", "local_d_ff"):
+        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len", "local_d_ff"):
             _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}, got {self.d_model}")

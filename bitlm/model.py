@@ -83,8 +83,6 @@ class FlatBody(nn.Module):
         logits, _ = self(next_ids[:, None], causal=True, cache=state.cache)
         return logits[:, -1]
 
-    def can_extend(self, state: DecodeState) -> bool:
-        return state.cache.length < state.cache.capacity
 
 
 class BitTransformerLM(nn.Module):
@@ -160,10 +158,6 @@ class BitTransformerLM(nn.Module):
     def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
         """Append one id per row (B,); returns the logits (B, V) of the id after it."""
         return self.body.decode_next(state, next_ids)
-
-    def can_extend(self, state: DecodeState) -> bool:
-        """Whether the state has room for one more id."""
-        return self.body.can_extend(state)
 
     def _check_ids(self, x: torch.Tensor, cache: Optional[KVCache]) -> None:
         start = cache.length * self.config.ids_per_byte // self.config.positions_per_byte if cache is not None else 0

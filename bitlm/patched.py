@@ -4,10 +4,13 @@ Bits in, per-bit logits out, in the flat model's layout, with exact bit-level ca
   byte encoder   each byte's bits -> one vector (sum of per-(phase, value) embeddings + an MLP);
   global stack   the shared BlockStack over byte positions, shifted right behind a learned BOS
                  in causal mode, so the state of byte i has seen bytes < i only;
-  local decoder  bit j of byte i from the global state of byte i plus an embedding of bits < j of
-                 byte i (exclusive prefix sum) and a query for phase j, through residual MLPs.
+  local decoder  bit j of byte i as a node of the binary tree over the byte's values: the node is
+                 fixed by (j, the value of bits < j), and its logit is <N[node], z_i> + b[node],
+                 where z_i = MLP(A h_i) is computed once per byte. Every prefix has its own
+                 vector (a learned hierarchical softmax over the byte), and a bit costs one dot
+                 product, so the model's cost stays close to a byte model's.
 Non-causal (diffusion) mode: no shift (every byte sees every byte, masked bits enter the encoder
-as MASK) and no prefix: each bit is read back from its own byte's state.
+as MASK) and no prefix: bit j of byte i is read from z_i through a per-phase vector.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from .model import DecodeState, sinusoidal_table
 
 
 class _ResidualMLP(nn.Module):
+    """x + MLP(LayerNorm(x))."""
+
     def __init__(self, d: int, d_ff: int):
         super().__init__()
         self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
@@ -39,7 +44,7 @@ class PatchedBody(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        bpb, d, dl = cfg.bits_per_byte, cfg.d_model, cfg.local_d_model
+        bpb, d = cfg.bits_per_byte, cfg.d_model
         self.bits_per_byte = bpb
         # id of (phase j, value v) = 3 j + v: one table serves the encoder, another the local prefix
         self.byte_bits = nn.Embedding(3 * bpb, d)
@@ -48,12 +53,17 @@ class PatchedBody(nn.Module):
         self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len + 1, d), persistent=False)
         self.stack = BlockStack(cfg)
         self.norm = nn.LayerNorm(d)
-        self.to_local = nn.Linear(d, dl)
-        self.prefix_bits = nn.Embedding(3 * bpb, dl)
-        self.query_phase = nn.Embedding(bpb, dl)
-        self.local = nn.Sequential(*(_ResidualMLP(dl, cfg.local_d_ff) for _ in range(cfg.local_layers)))
-        self.local_norm = nn.LayerNorm(dl)
-        self.head = nn.Linear(dl, 2)
+        hidden = cfg.local_d_ff
+        self.to_local = nn.Sequential(nn.Linear(d, hidden), nn.GELU(),
+                                      *(_ResidualMLP(hidden, 2 * hidden) for _ in range(cfg.local_layers)))
+        n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
+        self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
+        self.node_bias = nn.Embedding(n_tree + bpb, 1)
+        self.register_buffer("tree_base", 2 ** torch.arange(bpb) - 1, persistent=False)
+        # prefix value of bit j = sum_{k<j} bit_k 2^(j-1-k): a (bpb-1, bpb) matrix, MSB first
+        k, j = torch.arange(bpb - 1)[:, None], torch.arange(bpb)[None, :]
+        self.register_buffer("prefix_weights", torch.where(k < j, 2.0 ** (j - 1 - k), 0.0), persistent=False)
+        self.n_tree = n_tree
         self.register_buffer("phase_offsets", 3 * torch.arange(bpb), persistent=False)
 
     @property
@@ -65,22 +75,22 @@ class PatchedBody(nn.Module):
         return self.byte_mlp(self.byte_bits(bits + self.phase_offsets).sum(dim=2))
 
     def _local_logits(self, ctx: torch.Tensor, bits: Optional[torch.Tensor], phases: torch.Tensor) -> torch.Tensor:
-        """Bit logits (..., n_phases, 2) from local contexts (..., dl) and the byte's earlier bits.
+        """Bit logits (..., n_phases, 2) from per-byte features z (..., hidden) and the byte's bits.
 
-        `bits` (..., n_prefix) are the byte's bits before the first predicted phase when predicting
-        a whole byte causally (exclusive prefix sums are taken here), or None (no prefix).
+        `bits` (..., n_prefix) are the byte's bits before the first predicted phase (causal mode),
+        or None (non-causal mode: no prefix).
         """
-        u = ctx.unsqueeze(-2) + self.query_phase(phases)  # (..., n_phases, dl)
-        if bits is not None:
-            emb = self.prefix_bits(bits + self.phase_offsets[: bits.shape[-1]])  # (..., n_prefix, dl)
-            inclusive = emb.cumsum(dim=-2)
-            exclusive = torch.cat([emb.new_zeros(*emb.shape[:-2], 1, emb.shape[-1]), inclusive], dim=-2)
-            u = u + exclusive[..., phases, :]
-        return self.head(self.local_norm(self.local(u)))
+        if bits is None:
+            nodes = (self.n_tree + phases).expand(*ctx.shape[:-1], -1)
+        else:
+            values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
+            nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
+        score = (self.node_vectors(nodes) @ ctx.unsqueeze(-1)).squeeze(-1) + self.node_bias(nodes).squeeze(-1)
+        return torch.stack([torch.zeros_like(score), score], dim=-1)
 
     def _global(self, byte_vectors: torch.Tensor, *, causal: bool, cache: Optional[KVCache],
                 return_weights: bool) -> tuple[torch.Tensor, StackOutput]:
-        """Run the stack over (B, N, d) inputs placed after the cache; returns local contexts (B, N, dl)."""
+        """Run the stack over (B, N, d) inputs placed after the cache; returns local contexts (B, N, hidden)."""
         start = cache.length if cache is not None else 0
         n = byte_vectors.shape[1]
         out = self.stack(byte_vectors + self.positions[start:start + n], causal=causal, cache=cache,
@@ -111,7 +121,7 @@ class PatchedBody(nn.Module):
             return self._local_logits(ctx, None, phases).reshape(B, T, 2), out
         # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
         shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
-        ctx, out = self._global(shifted, causal=True, cache=None, return_weights=return_weights)  # (B, L+1, dl)
+        ctx, out = self._global(shifted, causal=True, cache=None, return_weights=return_weights)  # (B, L+1, hidden)
         padded = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
         per_bit = self._local_logits(ctx, padded[..., :-1], phases).reshape(B, (L + 1) * bpb, 2)
         # per_bit[:, k] predicts bit k; the shared layout wants logits[:, t] to predict bit t + 1
@@ -141,7 +151,3 @@ class PatchedBody(nn.Module):
         phase = torch.tensor([prefix.shape[1]], device=prefix.device)
         return self._local_logits(state.extra["ctx"], prefix, phase)[:, 0]
 
-    def can_extend(self, state: DecodeState) -> bool:
-        # completing the current byte needs one more global position
-        return (state.extra["prefix"].shape[1] < self.bits_per_byte - 1
-                or state.cache.length < state.cache.capacity)

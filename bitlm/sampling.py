@@ -72,17 +72,18 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     seq = prompt.to(device)
     unit = cfg.ids_per_byte
     keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
+    start, state = 0, None  # the context is seq[:, start:]
     try:
-        state = None
         for _ in range(n_new):
-            if use_cache and state is not None and model.can_extend(state):
-                logits = model.decode_next(state, seq[:, -1])
+            if seq.shape[1] - start > cfg.max_input_ids:
+                start = seq.shape[1] - (keep_bytes * unit + seq.shape[1] % unit)
+                state = None
+            if not use_cache:
+                logits = model(seq[:, start:], causal=True)[0][:, -1]
+            elif state is None:
+                state, logits = model.start_decoding(seq[:, start:])
             else:
-                context = seq if seq.shape[1] <= cfg.max_input_ids else seq[:, -(keep_bytes * unit + seq.shape[1] % unit):]
-                if use_cache:
-                    state, logits = model.start_decoding(context)
-                else:
-                    logits = model(context, causal=True)[0][:, -1]
+                logits = model.decode_next(state, seq[:, -1])
             nxt = _pick(logits, temperature, top_k, top_p, generator)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     finally:
