@@ -1,4 +1,4 @@
-"""Quality at equal wall-clock: the flat bit model and the byte baseline on tinyshakespeare.
+"""Quality at equal wall-clock: the flat and patched bit models and the byte baseline on tinyshakespeare.
 
 Each model trains for --minutes of optimizer time (evaluation pauses excluded) on the first 90%
 of the file and is scored on the whole last 10% in bits per byte, next to gzip -9 and xz -9e
@@ -16,34 +16,35 @@ from pathlib import Path
 import torch
 
 from bitlm.baselines import compressor_bpb
-from bitlm.config import ModelConfig, TrainConfig
+from bitlm.config import TrainConfig, apply_overrides
 from bitlm.data import Corpus
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import evaluate_bpb
 
-from common import emit, load_shakespeare
+from common import CONTENDERS, contender_config, emit, load_shakespeare
 
-EVALS_PER_RUN = 12
+# optimizer steps between evaluations in a 10-minute run (~12 points per curve); scaled with --minutes
+EVAL_EVERY_10_MIN = {"byte": 700, "patched": 450, "flat": 80}
 
 
-def race(representation: str, corpus: Corpus, args) -> dict:
-    model_cfg = ModelConfig.from_name(args.preset, representation=representation,
-                                      max_seq_len=args.context_bytes * (9 if representation == "bit" else 1))
+def race(name: str, corpus: Corpus, args) -> dict:
+    model_cfg = apply_overrides(contender_config(name, args.preset, args.context_bytes), args.set_model.get(name, []))
     train_cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes, lr=args.lr,
                             max_steps=10_000_000, max_seconds=args.minutes * 60, warmup_steps=args.warmup_steps,
-                            eval_every=args.eval_every[representation], eval_batches=10, log_every=100, seed=0)
+                            eval_every=max(10, int(EVAL_EVERY_10_MIN[name] * args.minutes / 10)), eval_batches=10,
+                            log_every=100, seed=0)
     torch.manual_seed(0)
     model = BitTransformerLM(model_cfg)
     logs = []
     result = fit(model, corpus, train_cfg, report=lambda m, c: logs.append(m) if "bytes_per_s" in m else None)
     final = evaluate_bpb(model, corpus.val.sequential_batches(64, args.context_bytes))
     bytes_per_s = [m["bytes_per_s"] for m in logs[1:]] or [logs[-1]["bytes_per_s"]]
-    return {"representation": representation, "params": model.num_parameters(), "steps": result.step,
+    return {"model": name, "params": model.num_parameters(), "steps": result.step,
             "train_seconds": result.train_seconds, "val_bpb": final["bpb"], "val_bytes_scored": final["n_bytes"],
             "train_bytes_per_s": sum(bytes_per_s) / len(bytes_per_s),
             "curve": [(h["train_seconds"], h["val/bpb"]) for h in result.history],
-            "model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)}
+            "model_config": dataclasses.asdict(model_cfg), "train_config": dataclasses.asdict(train_cfg)}
 
 
 def plot(results: list[dict], refs: dict, path: Path) -> None:
@@ -55,7 +56,7 @@ def plot(results: list[dict], refs: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         xs, ys = zip(*r["curve"])
-        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['representation']} ({r['params'] / 1e6:.2f}M params)")
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{r['model']} ({r['params'] / 1e6:.2f}M params)")
     for name, value in refs.items():
         ax.axhline(value, ls="--", lw=1, color="grey")
         ax.text(0, value, f" {name}", va="bottom", fontsize=8, color="grey")
@@ -71,7 +72,9 @@ def plot(results: list[dict], refs: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--representations", default="byte,bit")
+    parser.add_argument("--models", default=",".join(CONTENDERS))
+    parser.add_argument("--set-model", action="append", default=[], metavar="MODEL:KEY=VALUE",
+                        help="a ModelConfig override for one contender, e.g. patched:local_d_ff=512")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context-bytes", type=int, default=64)
@@ -80,19 +83,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--curves", type=Path, default=Path("results/quality_curves.json"))
     args = parser.parse_args()
-    # evaluate about EVALS_PER_RUN times per run; the bit model takes ~9x longer per step
-    args.eval_every = {"byte": 700, "bit": 80}
+    per_model: dict[str, list[str]] = {}
+    for item in args.set_model:
+        name, kv = item.split(":", 1)
+        per_model.setdefault(name, []).append(kv)
+    args.set_model = per_model
     corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024, val_fraction=0.1)
     val_bytes = corpus.val.to_numpy().tobytes()
     refs = compressor_bpb(val_bytes)
     emit({"bench": "compressors_on_val", "n_bytes": len(val_bytes)} | refs, args.out)
     results = []
-    for representation in args.representations.split(","):
-        r = race(representation, corpus, args)
+    for name in args.models.split(","):
+        r = race(name, corpus, args)
         results.append(r)
         emit({"bench": "quality_race", "minutes": args.minutes, "preset": args.preset,
               "context_bytes": args.context_bytes, "batch_size": args.batch_size}
-             | {k: v for k, v in r.items() if k not in ("curve", "model", "train")}, args.out)
+             | {k: v for k, v in r.items() if k not in ("curve", "model_config", "train_config")}, args.out)
     args.curves.parent.mkdir(parents=True, exist_ok=True)
     args.curves.write_text(json.dumps(results, indent=1))
     plot(results, {"gzip -9": refs["gzip-9"], "xz -9e": refs["xz-9e"]}, args.curves.with_suffix(".png"))

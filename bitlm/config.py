@@ -46,8 +46,8 @@ class ModelConfig:
     act: bool = False  # adaptive computation time halting over layers
     act_threshold: float = 0.99
     # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
-    local_d_ff: int = 256  # width of the per-byte features z that every bit's tree node reads
-    local_layers: int = 1  # residual MLPs computing z from the global state (run once per byte)
+    local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
+    local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
 
     def __post_init__(self) -> None:
         _check_choice(self.arch, "model.arch", Arch)

@@ -6,9 +6,9 @@ Bits in, per-bit logits out, in the flat model's layout, with exact bit-level ca
                  in causal mode, so the state of byte i has seen bytes < i only;
   local decoder  bit j of byte i as a node of the binary tree over the byte's values: the node is
                  fixed by (j, the value of bits < j), and its logit is <N[node], z_i> + b[node],
-                 where z_i = MLP(A h_i) is computed once per byte. Every prefix has its own
-                 vector (a learned hierarchical softmax over the byte), and a bit costs one dot
-                 product, so the model's cost stays close to a byte model's.
+                 where z_i = A h_i (+ optional residual MLPs) is computed once per byte. Every
+                 prefix has its own vector (a learned hierarchical softmax over the byte's bits),
+                 and a bit costs one dot product, so the model's cost stays close to a byte model's.
 Non-causal (diffusion) mode: no shift (every byte sees every byte, masked bits enter the encoder
 as MASK) and no prefix: bit j of byte i is read from z_i through a per-phase vector.
 """
@@ -54,7 +54,8 @@ class PatchedBody(nn.Module):
         self.stack = BlockStack(cfg)
         self.norm = nn.LayerNorm(d)
         hidden = cfg.local_d_ff
-        self.to_local = nn.Sequential(nn.Linear(d, hidden), nn.GELU(),
+        # linear like the byte model's head: node scores are then bilinear in the global state
+        self.to_local = nn.Sequential(nn.Linear(d, hidden),
                                       *(_ResidualMLP(hidden, 2 * hidden) for _ in range(cfg.local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
         self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
