@@ -42,12 +42,8 @@ CONTENDERS = ("byte", "flat", "patched")
 
 
 def contender_config(name: str, preset: str, context_bytes: int, **overrides):
-    """The ModelConfig of a race contender: the byte baseline, the flat bit model or the patched one."""
+    """The ModelConfig of a race contender, its positional table sized to the benchmark's context."""
     from bitlm.config import ModelConfig
 
-    kinds = {"byte": {"representation": "byte"}, "flat": {"arch": "flat"}, "patched": {"arch": "patched"}}
-    if name not in kinds:
-        raise SystemExit(f"unknown contender {name!r}; choose from {CONTENDERS}")
-    probe = ModelConfig.from_name(preset, **kinds[name], **overrides)
-    return ModelConfig.from_name(preset, **kinds[name], **overrides,
-                                 max_seq_len=context_bytes * probe.positions_per_byte)
+    probe = ModelConfig.from_name(preset, kind=name, **overrides)
+    return ModelConfig.from_name(preset, kind=name, **overrides, max_seq_len=context_bytes * probe.positions_per_byte)

@@ -90,14 +90,18 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
-        """A named preset (`tiny`, `small`, `base`) for any arch/representation, with field overrides.
+    def from_name(cls, name: str, kind: Optional[str] = None, **overrides: Any) -> "ModelConfig":
+        """A named preset (`tiny`, `small`, `base`), optionally of a kind (`patched`, `flat`, `byte`).
 
         A preset fixes the shape and a context in bytes; max_seq_len follows from it for the chosen
         architecture (bits for the flat bit model, bytes otherwise) unless given explicitly.
         """
         if name not in MODEL_PRESETS:
             raise ValueError(f"model preset: unknown {name!r}; choose from {sorted(MODEL_PRESETS)}")
+        if kind is not None:
+            if kind not in MODEL_KINDS:
+                raise ValueError(f"model kind: unknown {kind!r}; choose from {sorted(MODEL_KINDS)}")
+            overrides = MODEL_KINDS[kind] | overrides
         shape = dict(MODEL_PRESETS[name])
         context_bytes = shape.pop("context_bytes")
         explicit_len = "max_seq_len" in overrides
@@ -106,6 +110,14 @@ class ModelConfig:
             return cfg
         return dataclasses.replace(cfg, max_seq_len=context_bytes * cfg.positions_per_byte)
 
+
+# The three model kinds a run chooses between: the byte-patched bit model, the flat bit model of
+# the seeds (one position per bit) and the byte baseline (same backbone, 256-way in and out).
+MODEL_KINDS: dict[str, dict[str, str]] = {
+    "patched": {"arch": "patched", "representation": "bit"},
+    "flat": {"arch": "flat", "representation": "bit"},
+    "byte": {"arch": "flat", "representation": "byte"},
+}
 
 # Shapes plus the context (in bytes) each preset is sized for.
 MODEL_PRESETS: dict[str, dict[str, int]] = {

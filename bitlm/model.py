@@ -84,7 +84,6 @@ class FlatBody(nn.Module):
         return logits[:, -1]
 
 
-
 class BitTransformerLM(nn.Module):
     """A transformer language model over bits (`flat` or `patched`) or bytes (the baseline)."""
 

@@ -68,7 +68,10 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()  # fresh entropy for this call only; the global RNG is left alone
+    else:
+        generator.manual_seed(seed)
     seq = prompt.to(device)
     unit = cfg.ids_per_byte
     keep_bytes = max(1, cfg.max_input_ids // 2 // unit)

@@ -9,17 +9,19 @@ from typing import Optional
 
 import click
 
-from ..config import ExperimentConfig, ModelConfig, apply_overrides, from_dict
+from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, apply_overrides, from_dict
+
+DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
 
-def build_experiment(preset: str, config_file: Optional[str], sets: tuple[str, ...], minutes: Optional[float],
-                     steps: Optional[int]) -> ExperimentConfig:
-    """Preset (or JSON file) -> --minutes/--steps -> --set overrides, in that order."""
+def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: tuple[str, ...],
+                     minutes: Optional[float], steps: Optional[int]) -> ExperimentConfig:
+    """Preset of a kind (or JSON file) -> --minutes/--steps -> --set overrides, in that order."""
     try:
         if config_file:
             cfg = from_dict(ExperimentConfig, json.loads(Path(config_file).read_text()))
         else:
-            cfg = ExperimentConfig(model=ModelConfig.from_name(preset))
+            cfg = ExperimentConfig(model=ModelConfig.from_name(preset, kind=kind))
         if minutes is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))
@@ -31,10 +33,14 @@ def build_experiment(preset: str, config_file: Optional[str], sets: tuple[str, .
 
 
 def model_options(fn):
-    """--preset, --config, --set, --minutes, --steps."""
+    """--preset, --arch, --config, --set, --minutes, --steps."""
     options = [
         click.option("--preset", default="small", show_default=True, type=click.Choice(["tiny", "small", "base"]),
-                     help="Model preset (see ModelConfig.from_name)."),
+                     help="Model size preset (see ModelConfig.from_name)."),
+        click.option("--arch", "kind", default=DEFAULT_KIND, show_default=True, type=click.Choice(sorted(MODEL_KINDS)),
+                     help="patched: bit model with a byte-rate global transformer and a per-bit local decoder; "
+                          "flat: one transformer position per bit (the seeds' design); "
+                          "byte: the byte-level baseline with the same backbone."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="ExperimentConfig JSON (as written to <out>/config.json); replaces --preset."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .options import build_experiment, model_options
+from .options import DEFAULT_KIND, build_experiment, model_options
 
 
 def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool):
@@ -72,13 +72,13 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint in <out>/checkpoints if there is one.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-def train_command(local, data_dir, out_dir, preset, config_file, sets, minutes, steps, resume, device):
+def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, device):
     """Train a model on a prepared corpus and save it to <out>/model.
 
     Validation bits-per-byte and K/C/S are printed at every evaluation; every metric goes to
     <out>/metrics.jsonl. Interrupt and re-run the same command to resume exactly.
     """
-    cfg = build_experiment(preset, config_file, sets, minutes, steps)
+    cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
     _, _, result = run_local_training(cfg, Path(data_dir), Path(out_dir), resume=resume, device=device,
                                       progress=sys.stderr.isatty())
     m = result.metrics
@@ -102,7 +102,7 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
     if not (data_dir / "manifest.json").exists():
         click.echo(f"preparing up to {max_corpus_bytes:,} bytes of Python standard-library sources ...")
         prepare_corpus(None, data_dir, max_bytes=max_corpus_bytes, progress=True)
-    cfg = build_experiment("tiny", None, ("train.eval_every=100", "train.warmup_steps=50"), minutes, None)
+    cfg = build_experiment("tiny", DEFAULT_KIND, None, ("train.eval_every=100", "train.warmup_steps=50"), minutes, None)
     model, corpus, result = run_local_training(cfg, data_dir, out / "run", resume=False, device=None, progress=True)
     m = result.metrics
     val_sample = corpus.val.sequential_batches(64, 1024, max_batches=1)

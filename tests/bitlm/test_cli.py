@@ -316,3 +316,20 @@ def test_generate_with_an_empty_prompt_fails_with_a_clear_message(untrained_mode
     result = invoke("generate", str(untrained_model_dir), "--prompt", "", "--max-new-bytes", "2", "--device", "cpu")
     assert result.exit_code != 0
     assert "prompt must be at least one byte" in result.output
+
+
+@pytest.mark.parametrize("kind, arch, representation", [("patched", "patched", "bit"), ("flat", "flat", "bit"),
+                                                         ("byte", "flat", "byte")])
+def test_arch_selects_the_model_kind_with_a_context_sized_for_it(corpus_dir, tmp_path, kind, arch, representation):
+    run = tmp_path / kind
+    result = train(corpus_dir, run, 2, "--arch", kind)
+    assert result.exit_code == 0, result.output
+    model = run_config(run)["model"]
+    assert (model["arch"], model["representation"]) == (arch, representation)
+    positions_per_byte = 9 if kind == "flat" else 1
+    assert model["max_seq_len"] == 128 * positions_per_byte  # the tiny preset's 128-byte context
+
+
+def test_train_defaults_to_the_patched_architecture(corpus_dir, tmp_path):
+    assert train(corpus_dir, tmp_path / "run", 1).exit_code == 0
+    assert run_config(tmp_path / "run")["model"]["arch"] == "patched"

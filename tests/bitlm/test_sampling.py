@@ -104,3 +104,12 @@ def test_long_sequence_inference_uses_each_windows_context():
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="overlap"):
         infer_long_sequence(model, x, window=90, overlap=90)
+
+
+def test_unseeded_generation_leaves_the_global_rng_alone():
+    model = make()
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    generate(model, "a", 3)
+    assert torch.equal(torch.rand(3), expected)
