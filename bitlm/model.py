@@ -159,10 +159,13 @@ class BitTransformerLM(nn.Module):
         return self.body.decode_next(state, next_ids)
 
     def _check_ids(self, x: torch.Tensor, cache: Optional[KVCache]) -> None:
-        start = cache.length * self.config.ids_per_byte // self.config.positions_per_byte if cache is not None else 0
+        start = cache.length if cache is not None else 0  # only flat bodies decode through forward
         if start + x.shape[1] > self.config.max_input_ids:
             raise ValueError(f"sequence of {start + x.shape[1]} ids exceeds the model's {self.config.max_input_ids} "
                              f"(model.max_seq_len={self.config.max_seq_len}); use infer_long_sequence for longer inputs")
+        # the value check reads the tensor back: skip it where that would sync a GPU or break a compiled graph
+        if x.device.type != "cpu" or torch.compiler.is_compiling():
+            return
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.n_inputs):
             raise ValueError(f"input ids must be in [0, {self.n_inputs - 1}] for representation="
                              f"{self.config.representation!r}, got range [{int(x.min())}, {int(x.max())}]")

@@ -127,3 +127,18 @@ def test_time_based_schedule_follows_elapsed_seconds():
     cfg = TrainConfig(max_steps=10_000_000, max_seconds=100.0, warmup_steps=0)
     assert lr_factor(cfg, 10, 50.0) == pytest.approx(0.55, abs=1e-6)
     assert lr_factor(cfg, 10, 100.0) == pytest.approx(0.1, abs=1e-6)
+
+
+def test_bf16_autocast_trains_on_cpu(corpus):
+    _, result, _ = run(corpus, dataclasses.replace(TRAIN, precision="bf16"))
+    assert math.isfinite(result.metrics["val/bpb"])
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(corpus):
+    # torch.compile on CPU generates C++ kernels: ~45 s here, the slowest test of the suite
+    cfg = dataclasses.replace(TRAIN, max_steps=4, eval_every=4)
+    _, eager, eager_events = run(corpus, cfg)
+    _, compiled, compiled_events = run(corpus, dataclasses.replace(cfg, compile=True))
+    torch.testing.assert_close(losses(compiled_events), losses(eager_events), rtol=1e-4, atol=1e-5)
+    assert compiled.metrics["val/bpb"] == pytest.approx(eager.metrics["val/bpb"], rel=1e-4)
