@@ -13,6 +13,7 @@ Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
 Schedule = Literal["cosine", "onecycle", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
+NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -152,6 +153,12 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
+    # telemetry regularisers: loss += lambda * (1 - metric) on differentiable proxies of K, C, S
+    lambda_k: float = 0.0
+    lambda_c: float = 0.0
+    lambda_s: float = 0.0
+    drift_window: int = 5  # evaluations per window of detect_metric_drift on val K/C/S
+    drift_threshold: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
@@ -169,6 +176,23 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         _check_choice(self.precision, "train.precision", Precision)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        for name in ("lambda_k", "lambda_c", "lambda_s"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.drift_window >= 1, "train.drift_window", f"must be >= 1, got {self.drift_window}")
+        _check(self.drift_threshold >= 0, "train.drift_threshold", f"must be >= 0, got {self.drift_threshold}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """Masked-diffusion training and sampling (used when model.causal is False)."""
+
+    noise_schedule: NoiseSchedule = "cosine"
+    steps: int = 16  # reverse-diffusion steps when sampling
+    curriculum: bool = False  # draw heavy noise early in training, uniform by the end
+
+    def __post_init__(self) -> None:
+        _check_choice(self.noise_schedule, "diffusion.noise_schedule", NoiseSchedule)
+        _check(self.steps >= 1, "diffusion.steps", f"must be >= 1, got {self.steps}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,6 +201,7 @@ class ExperimentConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

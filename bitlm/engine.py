@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -12,11 +13,19 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_dict
-from .objective import causal_loss, evaluate_bpb, model_inputs
+from .config import DiffusionConfig, TrainConfig, to_dict
+from .diffusion import diffusion_loss, evaluate_elbo
+from .objective import causal_loss, evaluate_bpb, model_inputs, telemetry_penalty
+from .telemetry import detect_metric_drift
 
 Report = Callable[[dict[str, float], Optional[Path]], None]
 """Called with (metrics, checkpoint directory or None) at every log, eval and checkpoint event."""
+
+TELEMETRY_KEYS = ("val/K", "val/C", "val/S")
+
+
+class MetricDriftWarning(UserWarning):
+    """A validation telemetry metric moved by more than train.drift_threshold between windows."""
 
 
 @dataclass
@@ -87,11 +96,14 @@ def telemetry_means(model, byte_batch: torch.Tensor) -> dict[str, float]:
             "S": float(tel["symbiosis"].mean())}
 
 
-def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
-        checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
+def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig] = None,
+        report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
         device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
         progress: bool = False) -> FitResult:
     """Train `model` on `corpus` (a bitlm.data.Corpus) following `cfg`.
+
+    A causal model learns next-bit prediction; a non-causal one learns masked diffusion per
+    `diffusion` (its loss is the ELBO, evaluated as val/elbo_bpb, an upper bound on bpb).
 
     With `checkpoint_dir`, rank 0 writes step-NNNNNNNN/ checkpoints there and, when `resume`,
     training continues from the newest one: same data order, optimizer and RNG state, so the
@@ -116,6 +128,16 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
         state = ckpt.load_checkpoint(latest, base, optimizer)
         step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
 
+    diffusion = diffusion or DiffusionConfig()
+
+    def objective(batch, micro_index: int, progress: float):
+        if base.config.causal:
+            return causal_loss(net, batch)
+        # one generator per micro-batch, seeded by its index, keeps resumed runs exact
+        noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
+        return diffusion_loss(net, batch, schedule=diffusion.noise_schedule, generator=noise,
+                              progress=progress, curriculum=diffusion.curriculum)
+
     batches = corpus.train.random_batches(cfg.batch_size, cfg.context_bytes, seed=cfg.seed,
                                           start_step=step * cfg.grad_accum_steps, rank=rank,
                                           world_size=world_size)
@@ -132,10 +154,12 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
         lr = cfg.lr * lr_factor(cfg, step, train_seconds)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(cfg.grad_accum_steps):
+        for micro in range(cfg.grad_accum_steps):
             with autocast():
-                out = causal_loss(net, next(batches))
-            (out.loss / cfg.grad_accum_steps).backward()
+                out = objective(next(batches), step * cfg.grad_accum_steps + micro, step / cfg.max_steps)
+                penalty = telemetry_penalty(out, base.reference_marginals, base.config.bits_per_byte,
+                                            lambda_k=cfg.lambda_k, lambda_c=cfg.lambda_c, lambda_s=cfg.lambda_s)
+            ((out.loss if penalty is None else out.loss + penalty) / cfg.grad_accum_steps).backward()
             window_loss += float(out.loss.detach()) / cfg.grad_accum_steps
             window_bits += float(out.nll_bits)
             window_bytes += out.n_bytes
@@ -164,8 +188,9 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
                 bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", bpb=f"{window_bits / max(window_bytes, 1):.3f}")
             window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
         if step % cfg.eval_every == 0 or final:
-            metrics = evaluate(base, corpus, cfg, autocast) | {"step": step, "train_seconds": train_seconds}
+            metrics = evaluate(base, corpus, cfg, autocast, diffusion) | {"step": step, "train_seconds": train_seconds}
             history.append(metrics)
+            metrics |= _drift(history, cfg)
             emit(metrics, None)
         if checkpoint_dir is not None and rank == 0 and (
                 final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
@@ -180,14 +205,31 @@ def fit(model, corpus, cfg: TrainConfig, *, report: Optional[Report] = None,
                      checkpoint=last_checkpoint)
 
 
-def evaluate(model, corpus, cfg: TrainConfig, autocast=None) -> dict[str, float]:
-    """Validation bpb over the first cfg.eval_batches batches, plus K/C/S on the first batch."""
+def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None
+             ) -> dict[str, float]:
+    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.eval_batches batches, plus K/C/S."""
     val = corpus.val if corpus.val.n_windows else corpus.train
     batches = list(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=cfg.eval_batches))
-    result = evaluate_bpb(model, batches, autocast=autocast)
+    if model.config.causal:
+        result = evaluate_bpb(model, batches, autocast=autocast)
+        scores = {"val/bpb": result["bpb"], "val/n_bytes": result["n_bytes"]}
+    else:
+        schedule = (diffusion or DiffusionConfig()).noise_schedule
+        result = evaluate_elbo(model, batches, schedule=schedule, seed=cfg.seed)
+        scores = {"val/elbo_bpb": result["elbo_bpb"], "val/n_bytes": result["n_bytes"]}
     tel = telemetry_means(model, batches[0])
-    return {"val/bpb": result["bpb"], "val/n_bytes": result["n_bytes"],
-            "val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}
+    return scores | {"val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}
+
+
+def _drift(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, float]:
+    """Warn (MetricDriftWarning, naming the metric) when val K/C/S drift; returns drift/<metric> deltas."""
+    series = [{k: h[k] for k in TELEMETRY_KEYS if k in h} for h in history]
+    drifted = detect_metric_drift(series, window=cfg.drift_window, threshold=cfg.drift_threshold)
+    for name, delta in drifted.items():
+        warnings.warn(f"{name} drifted by {delta:+.3f} (mean of the last {cfg.drift_window} evaluations vs "
+                      f"the {cfg.drift_window} before; threshold {cfg.drift_threshold})", MetricDriftWarning,
+                      stacklevel=3)
+    return {f"drift/{name}": delta for name, delta in drifted.items()}
 
 
 def _progress_bar(enabled: bool, cfg: TrainConfig, start: int):
