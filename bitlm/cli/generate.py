@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from .options import diffusion_options
+
 
 @click.command("generate")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
@@ -13,16 +15,30 @@ import click
 @click.option("--top-k", type=int, default=None, help="Keep the k most likely values (bit models have 2).")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Random seed for a reproducible sample.")
+@diffusion_options
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, device):
-    """Continue --prompt with the model in MODEL_DIR (KV-cache decoding; parity enforced after sampling)."""
+def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, diffusion, noise_schedule,
+                     diffusion_steps, device):
+    """Continue --prompt with the model in MODEL_DIR.
+
+    Causal models decode with the KV cache; non-causal (diffusion) models, or --diffusion, fill the
+    continuation by reverse diffusion. Parity is enforced after sampling either way.
+    """
     from ..checkpoint import from_pretrained
+    from ..diffusion import diffusion_sample
     from ..engine import resolve_device
     from ..sampling import generate
 
     model = from_pretrained(model_dir, device=resolve_device(device))
+    if diffusion and model.config.causal:
+        raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")
     try:
-        out = generate(model, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if not model.config.causal:
+            out = diffusion_sample(model, prompt, max_new_bytes, steps=diffusion_steps or 16,
+                                   schedule=noise_schedule or "cosine", temperature=temperature or 1.0, seed=seed)
+        else:
+            out = generate(model, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     click.echo(out.text)

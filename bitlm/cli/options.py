@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, apply_overrides, from_dict
+from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, apply_overrides, from_dict
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
@@ -45,10 +46,35 @@ def model_options(fn):
                      help="ExperimentConfig JSON (as written to <out>/config.json); replaces --preset."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override a config field by dotted key, e.g. --set model.n_layers=8 "
-                          "--set train.lr=1e-3 --set model.representation=byte. Repeatable."),
+                          "--set train.lr=1e-3 --set model.reversible=true. Repeatable."),
         click.option("--minutes", type=float, default=None, help="Wall-clock training budget (time-based LR schedule)."),
         click.option("--steps", type=int, default=None, help="Optimizer steps (train.max_steps)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def diffusion_options(fn):
+    """--diffusion, --noise-schedule, --diffusion-steps (and --diffusion-curriculum for training)."""
+    options = [
+        click.option("--diffusion", is_flag=True, help="Masked-diffusion (non-causal) mode instead of next-bit."),
+        click.option("--noise-schedule", type=click.Choice(typing.get_args(NoiseSchedule)), default=None,
+                     help="Mask-rate schedule m(t) [default: cosine]."),
+        click.option("--diffusion-steps", type=int, default=None, help="Reverse-diffusion steps when sampling [16]."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def diffusion_sets(diffusion: bool, schedule, steps, curriculum: bool = False) -> tuple[str, ...]:
+    """The --set assignments the diffusion flags stand for."""
+    sets = ["model.causal=false"] if diffusion else []
+    if schedule:
+        sets.append(f"diffusion.noise_schedule={schedule}")
+    if steps is not None:
+        sets.append(f"diffusion.steps={steps}")
+    if curriculum:
+        sets.append("diffusion.curriculum=true")
+    return tuple(sets)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .options import DEFAULT_KIND, build_experiment, model_options
+from .options import DEFAULT_KIND, build_experiment, diffusion_options, diffusion_sets, model_options
 
 
 def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool):
@@ -47,17 +47,27 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
             record["checkpoint"] = str(checkpoint)
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if "val/bpb" in metrics:
-            click.echo(f"step {int(metrics['step'])}: val bpb {metrics['val/bpb']:.4f}  "
+        score = _score_text(metrics)
+        if score:
+            click.echo(f"step {int(metrics['step'])}: {score}  "
                        f"K {metrics['val/K']:.3f}  C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", err=True)
 
     try:
-        result = fit(model, corpus, cfg.train, report=report, checkpoint_dir=checkpoints,
+        result = fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=report, checkpoint_dir=checkpoints,
                      resume=resume, device=device, progress=progress)
     finally:
         log.close()
     ckpt.save_pretrained(model, out / "model")
     return model, corpus, result
+
+
+def _score_text(metrics) -> str:
+    """'val bpb X' for causal runs, 'val ELBO bpb X (upper bound)' for diffusion runs, '' otherwise."""
+    if "val/bpb" in metrics:
+        return f"val bpb {metrics['val/bpb']:.4f}"
+    if "val/elbo_bpb" in metrics:
+        return f"val ELBO bpb {metrics['val/elbo_bpb']:.4f} (upper bound)"
+    return ""
 
 
 @click.command("train")
@@ -71,18 +81,22 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
 @model_options
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Continue from the newest checkpoint in <out>/checkpoints if there is one.")
+@diffusion_options
+@click.option("--diffusion-curriculum", is_flag=True, help="Draw heavy noise early in training, uniform by the end.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, device):
+def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
+                  noise_schedule, diffusion_steps, diffusion_curriculum, device):
     """Train a model on a prepared corpus and save it to <out>/model.
 
     Validation bits-per-byte and K/C/S are printed at every evaluation; every metric goes to
     <out>/metrics.jsonl. Interrupt and re-run the same command to resume exactly.
     """
+    sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + tuple(sets)
     cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
     _, _, result = run_local_training(cfg, Path(data_dir), Path(out_dir), resume=resume, device=device,
                                       progress=sys.stderr.isatty())
     m = result.metrics
-    click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; val bpb {m.get('val/bpb', float('nan')):.4f}; "
+    click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(m)}; "
                f"model saved to {Path(out_dir) / 'model'}")
 
 

@@ -333,3 +333,27 @@ def test_arch_selects_the_model_kind_with_a_context_sized_for_it(corpus_dir, tmp
 def test_train_defaults_to_the_patched_architecture(corpus_dir, tmp_path):
     assert train(corpus_dir, tmp_path / "run", 1).exit_code == 0
     assert run_config(tmp_path / "run")["model"]["arch"] == "patched"
+
+
+def test_diffusion_train_eval_and_generate_end_to_end(corpus_dir, tmp_path):
+    run = tmp_path / "diffusion"
+    trained = train(corpus_dir, run, 3, "--diffusion", "--noise-schedule", "linear", "--diffusion-curriculum")
+    assert trained.exit_code == 0, trained.output
+    assert "val ELBO bpb" in trained.output and "(upper bound)" in trained.output
+    config = run_config(run)
+    assert config["model"]["causal"] is False
+    assert config["diffusion"] == {"noise_schedule": "linear", "steps": 16, "curriculum": True}
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 8)
+    scored = invoke("eval", str(run / "model"), str(text), "--json")
+    assert scored.exit_code == 0, scored.output
+    assert json.loads(stdout_of(scored))["elbo_bpb"] > 0
+    sample = invoke("generate", str(run / "model"), "--prompt", "ab", "--max-new-bytes", "6",
+                    "--diffusion-steps", "4", "--seed", "0")
+    assert sample.exit_code == 0, sample.output
+    assert stdout_of(sample).startswith("ab")
+
+
+def test_diffusion_generation_from_a_causal_model_is_refused(untrained_model_dir):
+    result = CliRunner().invoke(main, ["generate", str(untrained_model_dir), "--diffusion"])
+    assert result.exit_code != 0 and "causal model" in result.output

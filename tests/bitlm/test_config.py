@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bitlm.config import (MODEL_PRESETS, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides, flatten,
-                          from_dict, to_dict, to_json)
+from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides,
+                          flatten, from_dict, to_dict, to_json)
 
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
                                 max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
@@ -16,7 +16,8 @@ NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_acc
                                 max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
                                 beta2=0.99, warmup_steps=0, schedule="onecycle", grad_clip=0.0, precision="bf16",
                                 compile=True, log_every=2, eval_every=5, eval_batches=1, checkpoint_every=4,
-                                keep_checkpoints=1)
+                                keep_checkpoints=1, lambda_k=0.1, lambda_c=0.2, lambda_s=0.3, drift_window=3,
+                                drift_threshold=0.5)
 
 ROUND_TRIP_CASES = [
     pytest.param(ModelConfig, ModelConfig(), id="model-default"),
@@ -52,7 +53,7 @@ def test_non_default_variants_differ_from_defaults_in_every_field():
 
 def test_to_dict_nests_sections_as_plain_dicts():
     data = to_dict(ExperimentConfig())
-    assert set(data) == {"model", "train"}
+    assert set(data) == {"model", "train", "diffusion"}
     assert data["model"]["n_layers"] == ModelConfig().n_layers
     assert data["train"]["lr"] == TrainConfig().lr
     json.dumps(data)  # JSON-safe
@@ -287,14 +288,13 @@ def test_configs_are_frozen(cfg, name):
         setattr(cfg, name, getattr(cfg, name))
 
 
-
-
 def test_flatten_gives_dotted_keys_for_every_field():
     flat = flatten(ExperimentConfig())
     assert flat["model.n_layers"] == ModelConfig().n_layers
     assert flat["train.lr"] == TrainConfig().lr
     expected = ({f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
-                | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)})
+                | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+                | {f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)})
     assert set(flat) == expected
 
 

@@ -133,7 +133,7 @@ def test_telemetry_penalty_is_zero_when_off_and_differentiable_when_on():
     assert telemetry_penalty(out, torch.full((9,), 0.5), 9, lambda_k=0, lambda_c=0, lambda_s=0) is None
     penalty = telemetry_penalty(out, torch.full((9,), 0.3), 9, lambda_k=0.1, lambda_c=0.1, lambda_s=0.1)
     penalty.backward()
-    assert float(penalty) > 0 and p.grad is not None and bool(torch.isfinite(p.grad).all())
+    assert float(penalty.detach()) > 0 and p.grad is not None and bool(torch.isfinite(p.grad).all())
 
 
 def test_fit_with_telemetry_regularisers_runs():
