@@ -16,9 +16,14 @@ from .options import diffusion_options
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
 @click.option("--seed", type=int, default=None, help="Random seed for a reproducible sample.")
 @diffusion_options
+@click.option("--safe", is_flag=True, help="Gate the sample on C and S (retrying a blocked one with new seeds).")
+@click.option("--c-floor", type=float, default=0.3, show_default=True, help="With --safe: minimum LZ complexity C.")
+@click.option("--s-floor", type=float, default=0.5, show_default=True, help="With --safe: minimum symbiosis S.")
+@click.option("--max-retries", type=int, default=2, show_default=True, help="With --safe: retries after a block.")
+@click.option("--strict", is_flag=True, help="With --safe: exit with an error when every attempt is blocked.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, diffusion, noise_schedule,
-                     diffusion_steps, device):
+                     diffusion_steps, safe, c_floor, s_floor, max_retries, strict, device):
     """Continue --prompt with the model in MODEL_DIR.
 
     Causal models decode with the KV cache; non-causal (diffusion) models, or --diffusion, fill the
@@ -32,6 +37,10 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     model = from_pretrained(model_dir, device=resolve_device(device))
     if diffusion and model.config.causal:
         raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")
+    if safe:
+        _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_floor, max_retries, strict,
+                       diffusion_steps or 16, noise_schedule or "cosine")
+        return
     try:
         if not model.config.causal:
             out = diffusion_sample(model, prompt, max_new_bytes, steps=diffusion_steps or 16,
@@ -44,3 +53,26 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     click.echo(out.text)
     if out.n_parity_corrections:
         click.echo(f"[{out.n_parity_corrections} parity bit(s) corrected]", err=True)
+
+
+def _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_floor, max_retries, strict,
+                   steps, schedule):
+    """Print the gated sample, then the verdict as one JSON line on stderr (the audit record)."""
+    from ..diffusion import diffusion_sample
+    from ..safety import SafetyBlocked, safe_sample_with_retry
+
+    def diffusion_sampler(m, p, n, s):
+        return diffusion_sample(m, p, n, steps=steps, schedule=schedule, seed=s)
+
+    try:
+        text, verdict = safe_sample_with_retry(
+            model, prompt, max_new_bytes, max_retries=max_retries, c_floor=c_floor, s_floor=s_floor, strict=strict,
+            seed=0 if seed is None else seed, temperature=temperature or 0.8,
+            diffusion_sampler=None if model.config.causal else diffusion_sampler)
+    except SafetyBlocked as blocked:
+        click.echo(blocked.verdict.to_json(), err=True)
+        raise click.ClickException(f"blocked by the safety gate: {blocked}") from None
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    click.echo(text)
+    click.echo(verdict.to_json(), err=True)

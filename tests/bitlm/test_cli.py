@@ -357,3 +357,21 @@ def test_diffusion_train_eval_and_generate_end_to_end(corpus_dir, tmp_path):
 def test_diffusion_generation_from_a_causal_model_is_refused(untrained_model_dir):
     result = CliRunner().invoke(main, ["generate", str(untrained_model_dir), "--diffusion"])
     assert result.exit_code != 0 and "causal model" in result.output
+
+
+def test_safe_generation_prints_the_sample_and_a_json_verdict(untrained_model_dir):
+    result = invoke("generate", str(untrained_model_dir), "--prompt", "ab", "--max-new-bytes", "8", "--seed", "1",
+                    "--safe", "--c-floor", "0", "--s-floor", "0")
+    assert result.exit_code == 0, result.output
+    assert stdout_of(result).startswith("ab")
+    verdict = json.loads(result.stderr.strip().splitlines()[-1])
+    assert verdict["passed"] is True and verdict["c_floor"] == 0.0 and len(verdict["attempts"]) == 1
+
+
+def test_strict_safe_generation_that_is_always_blocked_exits_with_the_verdict(untrained_model_dir):
+    result = CliRunner().invoke(main, ["generate", str(untrained_model_dir), "--prompt", "ab", "--max-new-bytes", "8",
+                                       "--safe", "--c-floor", "1.0", "--s-floor", "1.0", "--max-retries", "1",
+                                       "--strict"])
+    assert result.exit_code != 0
+    assert "blocked by the safety gate" in result.output
+    assert '"attempts"' in result.stderr
