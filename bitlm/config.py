@@ -49,6 +49,7 @@ class ModelConfig:
     # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
     local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
     local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
+    n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
 
     def __post_init__(self) -> None:
         _check_choice(self.arch, "model.arch", Arch)
@@ -63,6 +64,7 @@ class ModelConfig:
         _check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
         _check(self.local_layers >= 0, "model.local_layers", f"must be >= 0, got {self.local_layers}")
+        _check(self.n_streams >= 1, "model.n_streams", f"must be >= 1, got {self.n_streams}")
         _check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
@@ -159,6 +161,11 @@ class TrainConfig:
     lambda_s: float = 0.0
     drift_window: int = 5  # evaluations per window of detect_metric_drift on val K/C/S
     drift_threshold: float = 0.2
+    # compression-aware multi-task training: the chance that a row is replaced by its RLE-compressed
+    # bits, 0 until compress_warmup_steps, then rising linearly to compress_prob over compress_ramp_steps
+    compress_prob: float = 0.0
+    compress_warmup_steps: int = 0
+    compress_ramp_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
@@ -180,6 +187,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.drift_window >= 1, "train.drift_window", f"must be >= 1, got {self.drift_window}")
         _check(self.drift_threshold >= 0, "train.drift_threshold", f"must be >= 0, got {self.drift_threshold}")
+        _check(0.0 <= self.compress_prob <= 1.0, "train.compress_prob", f"must be in [0, 1], got {self.compress_prob}")
+        for name in ("compress_warmup_steps", "compress_ramp_steps"):
+            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, kw_only=True)

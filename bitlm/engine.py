@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -10,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from .config import DiffusionConfig, TrainConfig, to_dict
 from .diffusion import diffusion_loss, evaluate_elbo
-from .objective import causal_loss, evaluate_bpb, model_inputs, telemetry_penalty
+from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb, model_inputs,
+                        stream_loss, telemetry_penalty)
 from .telemetry import detect_metric_drift
 
 Report = Callable[[dict[str, float], Optional[Path]], None]
@@ -35,6 +38,15 @@ class FitResult:
     metrics: dict[str, float]  # the last evaluation
     history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, in order
     checkpoint: Optional[Path] = None
+
+
+def compress_probability(cfg: TrainConfig, step: int) -> float:
+    """cfg.compress_prob after the warm-up and linear ramp: 0 before compress_warmup_steps."""
+    if cfg.compress_prob == 0 or step < cfg.compress_warmup_steps:
+        return 0.0
+    if cfg.compress_ramp_steps == 0:
+        return cfg.compress_prob
+    return cfg.compress_prob * min(1.0, (step - cfg.compress_warmup_steps + 1) / cfg.compress_ramp_steps)
 
 
 def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
@@ -130,13 +142,31 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
 
     diffusion = diffusion or DiffusionConfig()
 
-    def objective(batch, micro_index: int, progress: float):
-        if base.config.causal:
-            return causal_loss(net, batch)
-        # one generator per micro-batch, seeded by its index, keeps resumed runs exact
-        noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
-        return diffusion_loss(net, batch, schedule=diffusion.noise_schedule, generator=noise,
-                              progress=progress, curriculum=diffusion.curriculum)
+    if cfg.compress_prob > 0 and (base.config.n_streams < 2 or not base.config.causal):
+        raise ValueError("train.compress_prob > 0 needs a causal model with model.n_streams >= 2 "
+                         f"(got n_streams={base.config.n_streams}, causal={base.config.causal})")
+
+    def objective(batch, micro_index: int, progress: float) -> tuple[LossOutput, dict[str, float]]:
+        if not base.config.causal:
+            # one generator per micro-batch, seeded by its index, keeps resumed runs exact
+            noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
+            return diffusion_loss(net, batch, schedule=diffusion.noise_schedule, generator=noise,
+                                  progress=progress, curriculum=diffusion.curriculum), {}
+        p = compress_probability(cfg, micro_index // cfg.grad_accum_steps)
+        if p == 0:
+            return causal_loss(net, batch), {}
+        picked = np.random.default_rng([cfg.seed, micro_index, 7]).random(batch.shape[0]) < p
+        if not picked.any():
+            return causal_loss(net, batch), {"compressed_fraction": 0.0}
+        ids, mask, ratio = compressed_rows(batch[torch.from_numpy(picked)], base.config.parity)
+        compressed = stream_loss(net, ids, mask, COMPRESSED_STREAM)
+        stats = {"compressed_fraction": float(picked.mean()), "compression_ratio": ratio}
+        if picked.all():
+            zero = compressed.new_zeros(())
+            return LossOutput(loss=compressed, nll_bits=zero.detach(), n_bytes=0), stats
+        text = causal_loss(net, batch[torch.from_numpy(~picked)])
+        mixed = (text.loss * (~picked).sum() + compressed * picked.sum()) / batch.shape[0]
+        return dataclasses.replace(text, loss=mixed), stats
 
     batches = corpus.train.random_batches(cfg.batch_size, cfg.context_bytes, seed=cfg.seed,
                                           start_step=step * cfg.grad_accum_steps, rank=rank,
@@ -145,6 +175,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     emit = report or (lambda metrics, path: None)
     bar = _progress_bar(progress, cfg, step)
     window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
+    window_stats: dict[str, float] = {}  # per-step means of objective statistics (compression)
     last_checkpoint = latest
     metrics: dict[str, float] = history[-1] if history else {}
 
@@ -156,13 +187,15 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
             with autocast():
-                out = objective(next(batches), step * cfg.grad_accum_steps + micro, step / cfg.max_steps)
+                out, stats = objective(next(batches), step * cfg.grad_accum_steps + micro, step / cfg.max_steps)
                 penalty = telemetry_penalty(out, base.reference_marginals, base.config.bits_per_byte,
                                             lambda_k=cfg.lambda_k, lambda_c=cfg.lambda_c, lambda_s=cfg.lambda_s)
             ((out.loss if penalty is None else out.loss + penalty) / cfg.grad_accum_steps).backward()
             window_loss += float(out.loss.detach()) / cfg.grad_accum_steps
             window_bits += float(out.nll_bits)
             window_bytes += out.n_bytes
+            for key, value in stats.items():
+                window_stats[key] = window_stats.get(key, 0.0) + value / cfg.grad_accum_steps
         grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -183,10 +216,12 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                   "train/loss": window_loss / window_steps, "train/bpb": window_bits / max(window_bytes, 1),
                   "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * base.config.bits_per_byte,
                   "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                  "bytes_seen": step * bytes_per_step * world_size}, None)
+                  "bytes_seen": step * bytes_per_step * world_size}
+                 | {f"train/{k}": v / window_steps for k, v in window_stats.items()}, None)
             if bar is not None:
                 bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", bpb=f"{window_bits / max(window_bytes, 1):.3f}")
             window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
+            window_stats = {}
         if step % cfg.eval_every == 0 or final:
             metrics = evaluate(base, corpus, cfg, autocast, diffusion) | {"step": step, "train_seconds": train_seconds}
             history.append(metrics)

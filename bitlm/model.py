@@ -64,10 +64,12 @@ class FlatBody(nn.Module):
         return self.cfg.max_seq_len
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
-                return_weights: bool = False) -> tuple[torch.Tensor, StackOutput]:
+                return_weights: bool = False, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
         start = cache.length if cache is not None else 0
         T = x.shape[1]
         h = self.embed(x) + self.positions[start:start + T]  # (B, T, d)
+        if offset is not None:  # (B, 1, d): the stream marker of each row
+            h = h + offset
         if self.phase is not None:
             h = h + self.phase(torch.arange(start, start + T, device=x.device) % self.cfg.bits_per_byte)
         out = self.stack(h, causal=causal, cache=cache, return_weights=return_weights)
@@ -97,6 +99,8 @@ class BitTransformerLM(nn.Module):
         else:
             self.body = FlatBody(config)
         self.n_inputs, self.n_outputs = self.body.n_inputs, self.body.n_outputs
+        # which stream a row carries (0 = text; 1 = its RLE-compressed bits, in compression-aware training)
+        self.stream_embed = nn.Embedding(config.n_streams, config.d_model) if config.n_streams > 1 else None
         # per-phase P(bit=1) of the training corpus: the reference of the symbiosis metric S
         self.register_buffer("reference_marginals", torch.full((config.bits_per_byte,), 0.5))
         self.apply(_init_weights)
@@ -127,16 +131,24 @@ class BitTransformerLM(nn.Module):
                        device=p.device, dtype=next(self.parameters()).dtype)
 
     def forward(self, x: torch.Tensor, *, causal: Optional[bool] = None, cache: Optional[KVCache] = None,
-                return_telemetry: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+                return_telemetry: bool = False, stream: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (B, T, 2) for bits or (B, T, 256) for bytes, and telemetry when asked.
 
         Causal: logits[:, t] predicts id t+1 from ids <= t. Non-causal (diffusion):
-        logits[:, t] predicts the clean value at position t.
+        logits[:, t] predicts the clean value at position t. `stream` (B,) marks rows that carry
+        another stream (model.n_streams > 1); None means every row is text (stream 0).
         """
         causal = self.config.causal if causal is None else causal
         self._check_ids(x, cache)
         want_maps = return_telemetry and self.config.full_attn_logging
-        logits, out = self.body(x, causal=causal, cache=cache, return_weights=want_maps)
+        offset = None
+        if self.stream_embed is not None:
+            ids = stream if stream is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            offset = self.stream_embed(ids)[:, None, :]
+        elif stream is not None:
+            raise ValueError("stream ids need a model with model.n_streams > 1")
+        logits, out = self.body(x, causal=causal, cache=cache, return_weights=want_maps, offset=offset)
         if not return_telemetry:
             return logits, {}
         telemetry = self._telemetry(x, logits.detach())

@@ -13,11 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import telemetry as tm
-from .codec import bytes_to_bit_tensor
+from .codec import bytes_to_bit_tensor, bytes_to_bits
+from .compression import compress_batch
 
 LN2 = math.log(2.0)
 
@@ -92,3 +94,32 @@ def evaluate_bpb(model, batches, *, autocast=None) -> dict[str, float]:
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
+
+COMPRESSED_STREAM = 1  # stream id of rows that carry RLE-compressed bits
+
+
+def compressed_rows(byte_windows: torch.Tensor, parity: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """RLE-compress each (B, L) row's bits and fit the streams to the rows' bit length.
+
+    Returns ids (B, T), a mask (B, T-1) of the next-bit targets that are real stream bits (a stream
+    shorter than T is padded; one longer is cut), and the mean compressed/original size ratio.
+    """
+    rows = np.stack([bytes_to_bits(row.tobytes(), parity=parity) for row in byte_windows.cpu().numpy()])
+    T = rows.shape[1]
+    streams = compress_batch(rows)
+    ids = np.zeros((len(streams), T), dtype=np.int64)
+    lengths = np.array([min(len(s), T) for s in streams])
+    for i, stream in enumerate(streams):
+        ids[i, :lengths[i]] = stream[:T]
+    mask = np.arange(T - 1)[None, :] < (lengths[:, None] - 1)
+    ratio = float(np.mean([len(s) / T for s in streams]))
+    return torch.from_numpy(ids), torch.from_numpy(mask), ratio
+
+
+def stream_loss(model, ids: torch.Tensor, mask: torch.Tensor, stream: int) -> torch.Tensor:
+    """Mean next-bit cross-entropy (nats) over the masked targets of rows of another stream."""
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    logits, _ = model(ids, causal=True, stream=torch.full((ids.shape[0],), stream, device=device))
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, 2), ids[:, 1:].reshape(-1), reduction="none")
+    return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)

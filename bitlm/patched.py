@@ -101,7 +101,7 @@ class PatchedBody(nn.Module):
         return self.to_local(self.norm(out.hidden.to(byte_vectors.dtype))), out
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
-                return_weights: bool = False) -> tuple[torch.Tensor, StackOutput]:
+                return_weights: bool = False, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
         if cache is not None:
             raise ValueError("patched models decode incrementally through start_decoding/decode_next")
         B, T = x.shape
@@ -111,11 +111,13 @@ class PatchedBody(nn.Module):
                 raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
             # causality is exact, so padding the last byte changes no logit before the padding
             logits, out = self(torch.nn.functional.pad(x, (0, bpb - T % bpb)), causal=True,
-                               return_weights=return_weights)
+                               return_weights=return_weights, offset=offset)
             return logits[:, :T], out
         L = T // bpb
         bits = x.view(B, L, bpb)
         encoded = self.encode_bytes(bits)  # (B, L, d)
+        if offset is not None:  # (B, 1, d): the stream marker of each row
+            encoded = encoded + offset
         phases = torch.arange(bpb, device=x.device)
         if not causal:
             ctx, out = self._global(encoded, causal=False, cache=None, return_weights=return_weights)
