@@ -1,7 +1,10 @@
 """Masked (absorbing-state) diffusion over bits: noise schedules, the ELBO objective and the sampler.
 
-Forward process: at time t in [0, 1] every bit is independently replaced by MASK with probability
-m(t), a schedule rising from m(0) = 0 to m(1) = 1. The model, run non-causally, predicts each clean
+Forward process: at time t in [0, 1] every bit (flat model) or every byte, all its bits at once
+(patched model), is independently replaced by MASK with probability m(t), a schedule rising from
+m(0) = 0 to m(1) = 1. The patched model scores a masked byte's bits down its causal tree given
+the byte's earlier clean bits, so its per-byte term is -log p(byte) exactly; a flat model
+predicts masked bits independently, and its bound pays for the dependence between them. The model, run non-causally, predicts each clean
 bit from the partly masked sequence. With w(t) = m'(t) / m(t), the continuous-time bound
 
     -log p(x) <= E_{t ~ U(0,1)} [ w(t) * sum_{i masked at t} -log p(x_i | z_t) ]
@@ -95,9 +98,15 @@ def diffusion_loss(model, byte_windows: torch.Tensor, *, schedule: str, generato
     t = sample_times(B, generator=generator, progress=progress, curriculum=curriculum, stratified=stratified)
     m = mask_rate(t, schedule).to(device)
     weight = (mask_rate_derivative(t, schedule) / mask_rate(t, schedule).clamp_min(1e-12)).to(device)  # (B,)
-    u = torch.rand(B, T, generator=generator).to(device)
-    masked = u < m[:, None]
-    logits, _ = model(torch.where(masked, torch.full_like(bits, MASK), bits), causal=False)
+    byte_level = model.config.arch == "patched"
+    bpb = model.config.bits_per_byte
+    if byte_level:
+        # whole bytes are masked and their bits scored down the causal tree: the byte term is exact
+        masked = (torch.rand(B, T // bpb, generator=generator).to(device) < m[:, None]).repeat_interleave(bpb, dim=1)
+    else:
+        masked = torch.rand(B, T, generator=generator).to(device) < m[:, None]
+    logits, _ = model(torch.where(masked, torch.full_like(bits, MASK), bits), causal=False,
+                      **({"local_prefix": bits} if byte_level else {}))
     nll = F.cross_entropy(logits.float().reshape(-1, 2), bits.reshape(-1), reduction="none").view(B, T)
     per_row = (nll * masked).sum(dim=1) * weight  # nats, an unbiased estimate of each row's bound
     return LossOutput(loss=per_row.sum() / (B * T), nll_bits=per_row.detach().sum() / LN2,
@@ -151,11 +160,17 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
         for s in range(steps, 0, -1):
             m_now = float(mask_rate(torch.tensor(s / steps), schedule))
             m_next = float(mask_rate(torch.tensor((s - 1) / steps), schedule))
-            logits, _ = model(z, causal=False)
-            p_one = (logits.float() / temperature).softmax(-1)[..., 1].cpu()
             masked = (z == MASK).cpu()
-            reveal = masked & (torch.rand(z.shape, generator=generator) < (m_now - m_next) / max(m_now, 1e-12))
-            values = (torch.rand(z.shape, generator=generator) < p_one).long()
+            if cfg.arch == "patched":  # reveal whole bytes, their bits drawn down the tree
+                reveal_bytes = torch.rand(z.shape[0], z.shape[1] // cfg.bits_per_byte, generator=generator)
+                reveal = masked & (reveal_bytes < (m_now - m_next) / max(m_now, 1e-12)).repeat_interleave(
+                    cfg.bits_per_byte, dim=1)
+                values = model.body.sample_bytes(z, temperature=temperature, generator=generator).cpu()
+            else:
+                logits, _ = model(z, causal=False)
+                p_one = (logits.float() / temperature).softmax(-1)[..., 1].cpu()
+                reveal = masked & (torch.rand(z.shape, generator=generator) < (m_now - m_next) / max(m_now, 1e-12))
+                values = (torch.rand(z.shape, generator=generator) < p_one).long()
             z = torch.where(reveal.to(device), values.to(device), z)
     finally:
         model.train(was_training)

@@ -131,8 +131,8 @@ class BitTransformerLM(nn.Module):
                        device=p.device, dtype=next(self.parameters()).dtype)
 
     def forward(self, x: torch.Tensor, *, causal: Optional[bool] = None, cache: Optional[KVCache] = None,
-                return_telemetry: bool = False, stream: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
+                return_telemetry: bool = False, stream: Optional[torch.Tensor] = None,
+                local_prefix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """Logits (B, T, 2) for bits or (B, T, 256) for bytes, and telemetry when asked.
 
         Causal: logits[:, t] predicts id t+1 from ids <= t. Non-causal (diffusion):
@@ -148,7 +148,8 @@ class BitTransformerLM(nn.Module):
             offset = self.stream_embed(ids)[:, None, :]
         elif stream is not None:
             raise ValueError("stream ids need a model with model.n_streams > 1")
-        logits, out = self.body(x, causal=causal, cache=cache, return_weights=want_maps, offset=offset)
+        extra = {} if local_prefix is None else {"local_prefix": local_prefix}  # patched diffusion only
+        logits, out = self.body(x, causal=causal, cache=cache, return_weights=want_maps, offset=offset, **extra)
         if not return_telemetry:
             return logits, {}
         telemetry = self._telemetry(x, logits.detach())

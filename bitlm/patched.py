@@ -101,7 +101,10 @@ class PatchedBody(nn.Module):
         return self.to_local(self.norm(out.hidden.to(byte_vectors.dtype))), out
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
-                return_weights: bool = False, offset: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
+                return_weights: bool = False, offset: Optional[torch.Tensor] = None,
+                local_prefix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
+        """Per-bit logits. Non-causal with `local_prefix` (B, T) clean bits: each bit is read from its
+        tree node given the byte's earlier clean bits, so a masked byte's bits score -log p(byte)."""
         if cache is not None:
             raise ValueError("patched models decode incrementally through start_decoding/decode_next")
         B, T = x.shape
@@ -121,7 +124,8 @@ class PatchedBody(nn.Module):
         phases = torch.arange(bpb, device=x.device)
         if not causal:
             ctx, out = self._global(encoded, causal=False, cache=None, return_weights=return_weights)
-            return self._local_logits(ctx, None, phases).reshape(B, T, 2), out
+            prefix = None if local_prefix is None else local_prefix.view(B, L, bpb)[..., :-1]
+            return self._local_logits(ctx, prefix, phases).reshape(B, T, 2), out
         # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
         shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
         ctx, out = self._global(shifted, causal=True, cache=None, return_weights=return_weights)  # (B, L+1, hidden)
@@ -154,3 +158,19 @@ class PatchedBody(nn.Module):
         phase = torch.tensor([prefix.shape[1]], device=prefix.device)
         return self._local_logits(state.extra["ctx"], prefix, phase)[:, 0]
 
+    def sample_bytes(self, x: torch.Tensor, *, temperature: float, generator: torch.Generator) -> torch.Tensor:
+        """Draw every byte of (B, T) masked bits from the non-causal model, bit by bit down its tree.
+
+        Returns (B, T) sampled bits; the diffusion sampler keeps those of the bytes it reveals.
+        """
+        B, T = x.shape
+        bpb = self.bits_per_byte
+        ctx, _ = self._global(self.encode_bytes(x.view(B, T // bpb, bpb)), causal=False, cache=None,
+                              return_weights=False)
+        bits = x.new_zeros(B, T // bpb, 0)
+        for j in range(bpb):
+            logits = self._local_logits(ctx, bits, torch.tensor([j], device=x.device))[..., 0, :]  # (B, L, 2)
+            p_one = (logits.float() / temperature).softmax(-1)[..., 1].cpu()
+            draw = (torch.rand(p_one.shape, generator=generator) < p_one).long().to(x.device)
+            bits = torch.cat([bits, draw[..., None]], dim=-1)
+        return bits.view(B, T)

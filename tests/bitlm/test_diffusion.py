@@ -50,7 +50,7 @@ def test_elbo_of_a_coin_flip_model_is_nine_bits_per_byte(schedule):
     model = make()
     for p in (model.body.node_vectors.weight, model.body.node_bias.weight):
         torch.nn.init.zeros_(p)
-    batch = torch.randint(0, 256, (256, 8), dtype=torch.uint8)
+    batch = torch.randint(0, 256, (512, 32), dtype=torch.uint8)  # byte-level masking: large sample
     out = evaluate_elbo(model, [batch], schedule=schedule, seed=0)
     assert out["elbo_bpb"] == pytest.approx(9.0, rel=0.06)
 
@@ -63,7 +63,7 @@ class _Oracle(torch.nn.Module):
         self.config, self.clean = config, clean_bits
         self.anchor = torch.nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, causal=None):
+    def forward(self, x, causal=None, **unused):
         logits = torch.stack([-30.0 * self.clean, 30.0 * self.clean - 30.0 * (1 - self.clean)], dim=-1).float()
         return logits - logits.logsumexp(-1, keepdim=True) + 0 * self.anchor, {}
 
@@ -158,3 +158,21 @@ def test_a_stable_history_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MetricDriftWarning)
         assert _drift(history, cfg) == {}
+
+
+def test_patched_diffusion_masks_whole_bytes_and_scores_them_down_the_tree():
+    model = make("patched")
+    seen = []
+    original = model.forward
+
+    def spy(x, **kwargs):
+        seen.append((x.clone(), kwargs.get("local_prefix")))
+        return original(x, **kwargs)
+
+    model.forward = spy
+    batch = torch.as_tensor(list(TEXT[:64]), dtype=torch.uint8).view(2, 32)
+    diffusion_loss(model, batch, schedule="linear", generator=torch.Generator().manual_seed(1))
+    x, prefix = seen[0]
+    per_byte = (x == 2).view(2, 32, 9)
+    assert bool((per_byte.all(-1) | ~per_byte.any(-1)).all())  # a byte is masked entirely or not at all
+    assert per_byte.any() and prefix is not None
