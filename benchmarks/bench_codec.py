@@ -7,10 +7,11 @@ import datetime
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 from bitlm.codec import bits_to_text, text_to_bits
+
+from common import best_seconds
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -24,16 +25,6 @@ def load_text(n_bytes: int) -> tuple[str, str]:
         source = "generated-ascii"
     reps = -(-n_bytes // len(base.encode("utf-8")))
     return (base * reps)[:n_bytes], source
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls of fn."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

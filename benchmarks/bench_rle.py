@@ -15,7 +15,7 @@ import numpy as np
 
 from bitlm.codec import bytes_to_bits
 from bitlm.compression import compress_batch, compression_ratio, decompress_batch
-from common import emit, load_shakespeare
+from common import best_seconds, emit, load_shakespeare
 
 
 def python_compress(bits: list[int]) -> list[int]:
@@ -57,16 +57,6 @@ def python_decompress(stream: list[int]) -> list[int]:
         out.extend([bit] * gamma())
         bit ^= 1
     return out
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Fastest wall time of ``repeats`` calls of fn."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def measure(source: str, batch: np.ndarray, repeats: int) -> dict:

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,3 +48,13 @@ def contender_config(name: str, preset: str, context_bytes: int, **overrides):
 
     probe = ModelConfig.from_name(preset, kind=name, **overrides)
     return ModelConfig.from_name(preset, kind=name, **overrides, max_seq_len=context_bytes * probe.positions_per_byte)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Fastest wall time of `repeats` calls of fn."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best

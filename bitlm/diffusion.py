@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .codec import bits_to_bytes, bytes_to_bit_tensor, bytes_to_bits, enforce_parity
 from .model import MASK
-from .objective import LN2, LossOutput
+from .objective import LN2, LossOutput, bits_per_byte_over
 from .sampling import Generation
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "exp", "loglinear")  # config.NoiseSchedule
@@ -183,20 +183,9 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
                       n_parity_corrections=corrections)
 
 
-@torch.no_grad()
 def evaluate_elbo(model, batches, *, schedule: str, seed: int = 0) -> dict[str, float]:
     """ELBO bits per byte (an upper bound) over (B, L) byte batches, with stratified, seeded times."""
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    total_bits, total_bytes = 0.0, 0
-    try:
-        for batch in batches:
-            out = diffusion_loss(model, batch, schedule=schedule, generator=generator, stratified=True)
-            total_bits += float(out.nll_bits)
-            total_bytes += out.n_bytes
-    finally:
-        model.train(was_training)
-    if total_bytes == 0:
-        raise ValueError("evaluate_elbo: no bytes to score (empty validation set?)")
-    return {"elbo_bpb": total_bits / total_bytes, "n_bytes": total_bytes}
+    elbo_bpb, n_bytes = bits_per_byte_over(
+        model, batches, lambda m, batch: diffusion_loss(m, batch, schedule=schedule, generator=generator, stratified=True))
+    return {"elbo_bpb": elbo_bpb, "n_bytes": n_bytes}

@@ -73,22 +73,31 @@ def telemetry_penalty(out: LossOutput, reference: torch.Tensor, bits_per_byte: i
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches, *, autocast=None) -> dict[str, float]:
-    """Bits per byte of a model over an iterable of (B, L) byte batches."""
+def bits_per_byte_over(model, batches, loss_fn) -> tuple[float, int]:
+    """Total bits over total scored bytes of `loss_fn(model, batch)` across batches, in eval mode."""
     was_training = model.training
     model.eval()
     total_bits, total_bytes = 0.0, 0
     try:
         for batch in batches:
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                out = causal_loss(model, batch)
+            out = loss_fn(model, batch)
             total_bits += float(out.nll_bits)
             total_bytes += out.n_bytes
     finally:
         model.train(was_training)
     if total_bytes == 0:
-        raise ValueError("evaluate_bpb: no bytes to score (empty validation set?)")
-    return {"bpb": total_bits / total_bytes, "n_bytes": total_bytes}
+        raise ValueError("no bytes to score (empty validation set?)")
+    return total_bits / total_bytes, total_bytes
+
+
+def evaluate_bpb(model, batches, *, autocast=None) -> dict[str, float]:
+    """Bits per byte of a model over an iterable of (B, L) byte batches."""
+    def loss_fn(m, batch):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            return causal_loss(m, batch)
+
+    bpb, n_bytes = bits_per_byte_over(model, batches, loss_fn)
+    return {"bpb": bpb, "n_bytes": n_bytes}
 
 
 def _device_of(model) -> torch.device:
