@@ -18,7 +18,8 @@ from common import emit, load_shakespeare
 
 from bitlm.codec import bytes_to_bits
 from bitlm.data import bit_marginals
-from bitlm.safety import SafetyGate, complexity_and_symbiosis
+from bitlm.safety import SafetyGate
+from bitlm.telemetry import complexity_and_symbiosis
 
 WINDOW_BYTES = 512
 

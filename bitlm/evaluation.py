@@ -59,18 +59,10 @@ def _telemetry_of_text(model, data: bytes, logits: torch.Tensor | None = None) -
         ids = ids[: len(ids) // cfg.bits_per_byte * cfg.bits_per_byte]
         logits = model(ids[None].to(next(model.parameters()).device))[0][0]
     if cfg.representation == "bit":
-        p_one = logits.float().softmax(-1)[:, 1]
-        negentropy = float(tm.negentropy(p_one[None])[0])
+        negentropy = float(tm.negentropy(logits.float().softmax(-1)[None, :, 1])[0])
     else:
-        probs = logits.float().softmax(-1)
-        negentropy = float(1.0 - (-(probs * probs.clamp_min(1e-12).log2()).sum(-1)).mean() / 8.0)
-    bits = bytes_to_bits(data, parity=cfg.parity)
-    span = TELEMETRY_WINDOW_BYTES * cfg.bits_per_byte
-    n_windows = max(1, len(bits) // span)
-    windows = bits[: n_windows * span].reshape(n_windows, -1) if len(bits) >= span else bits[None]
-    reference = model.reference_marginals.cpu().numpy()
-    return {
-        "K": negentropy,
-        "C": float(np.mean(tm.lz_complexity_batch(windows))),
-        "S": float(np.mean(tm.symbiosis(windows, reference, cfg.bits_per_byte))),
-    }
+        negentropy = float(tm.byte_negentropy(logits.softmax(-1)))
+    # the same windows the safety gate judges, so eval's C and S are the gate's numbers
+    c, s = tm.complexity_and_symbiosis(bytes_to_bits(data, parity=cfg.parity), model.reference_marginals.cpu().numpy(),
+                                       cfg.bits_per_byte, TELEMETRY_WINDOW_BYTES)
+    return {"K": negentropy, "C": c, "S": s}

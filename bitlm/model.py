@@ -192,11 +192,9 @@ class BitTransformerLM(nn.Module):
         # byte baseline: same C and S on the bits of its bytes; K from the 256-way entropy per bit
         byte_ids = torch.where(x == BYTE_MASK, torch.zeros_like(x), x)
         bits = bytes_to_bit_tensor(byte_ids, parity=self.config.parity)
-        probs = logits.float().softmax(-1)
-        entropy_bits = -(probs * probs.clamp_min(1e-12).log2()).sum(-1)  # (B, T)
         summary = tm.telemetry_summary(bits, torch.full(bits.shape, 0.5, device=bits.device),
                                        self.reference_marginals, self.config.bits_per_byte)
-        summary["negentropy"] = 1.0 - entropy_bits.mean(-1) / 8.0
+        summary["negentropy"] = tm.byte_negentropy(logits.softmax(-1))
         return summary
 
 

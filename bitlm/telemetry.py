@@ -268,3 +268,46 @@ def detect_metric_drift(
         if abs(delta) > threshold:
             drifted[name] = delta
     return drifted
+
+
+def _window_starts(length: int, window: int, unit: int) -> list[int]:
+    """Starts of consecutive windows covering `length`, the last moved back (to a `unit` boundary) to end at the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, window))
+    if starts[-1] + window < length:
+        # A short tail window would be judged on a different scale (C depends on the length), so the
+        # last window overlaps its neighbour instead; byte-aligned so that S sees the right phases.
+        starts.append((length - window) // unit * unit)
+    return starts
+
+
+def complexity_and_symbiosis(bits: ArrayLike, reference: ArrayLike, bits_per_byte: int,
+                             window_bytes: int = 512) -> tuple[float, float]:
+    """Mean C and S over window_bytes-sized windows of a 1-D bit sequence (measured whole when shorter)."""
+    arr = _as_bit_array(bits)
+    if arr.size == 0:
+        raise ValueError("bits must hold at least one bit")
+    if window_bytes < 1:
+        raise ValueError(f"window_bytes must be >= 1, got {window_bytes}")
+    window = window_bytes * bits_per_byte
+    starts = _window_starts(arr.size, window, bits_per_byte)
+    if len(starts) == 1:
+        rows = [arr]
+    else:
+        rows = [arr[s:s + window] for s in starts[:-1]] + [arr[starts[-1]:]]
+    if len({r.size for r in rows}) == 1:
+        stacked = np.stack(rows)
+        c = lz_complexity_batch(stacked)
+        s = symbiosis(stacked, reference, bits_per_byte)
+    else:  # only when the bits end in a partial byte and the last window is a few bits longer
+        c = np.concatenate([lz_complexity_batch(r[None]) for r in rows])
+        s = np.array([symbiosis(r, reference, bits_per_byte) for r in rows])
+    return float(np.mean(c)), float(np.mean(s))
+
+
+def byte_negentropy(probs: torch.Tensor) -> torch.Tensor:
+    """K of a byte model: 1 - mean entropy of its 256-way predictions (..., T, 256) / 8 bits; shape (...)."""
+    probs = probs.float()
+    entropy_bits = -(probs * probs.clamp_min(1e-12).log2()).sum(-1)
+    return 1.0 - entropy_bits.mean(-1) / 8.0
