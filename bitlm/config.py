@@ -205,6 +205,45 @@ class DiffusionConfig:
         _check(self.steps >= 1, "diffusion.steps", f"must be >= 1, got {self.steps}")
 
 
+ExpansionKind = Literal["depth", "width", "context"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingConfig:
+    """Progressive scaling: grow the model when validation loss plateaus (bitlm.scaling)."""
+
+    enabled: bool = False
+    window: int = 3  # evaluations per window of the plateau detector
+    improve_thresh: float = 0.01  # plateau: relative val-loss improvement between windows below this
+    order: str = "depth,width,context"  # expansions cycle through these kinds, comma-separated
+    add_layers: int = 1  # layers a depth expansion appends
+    max_expansions: int = 6
+    max_parameters: int = 100_000_000  # no expansion may grow the model past this
+    max_context_bytes: int = 4096  # no context expansion past this
+    lr_decay: float = 2 ** 0.5  # the base learning rate is divided by this at every expansion
+    rewarm_steps: int = 100  # linear learning-rate warm-up after each expansion
+
+    def __post_init__(self) -> None:
+        _check(self.window >= 1, "scaling.window", f"must be >= 1, got {self.window}")
+        _check(self.improve_thresh >= 0, "scaling.improve_thresh", f"must be >= 0, got {self.improve_thresh}")
+        kinds = self.kinds
+        _check(len(kinds) >= 1, "scaling.order", "must name at least one of depth, width, context")
+        for kind in kinds:
+            _check_choice(kind, "scaling.order", ExpansionKind)
+        _check(self.add_layers >= 1, "scaling.add_layers", f"must be >= 1, got {self.add_layers}")
+        _check(self.max_expansions >= 0, "scaling.max_expansions", f"must be >= 0, got {self.max_expansions}")
+        _check(self.max_parameters >= 1, "scaling.max_parameters", f"must be >= 1, got {self.max_parameters}")
+        _check(self.max_context_bytes >= 2, "scaling.max_context_bytes",
+               f"must be >= 2, got {self.max_context_bytes}")
+        _check(self.lr_decay >= 1.0, "scaling.lr_decay", f"must be >= 1, got {self.lr_decay}")
+        _check(self.rewarm_steps >= 0, "scaling.rewarm_steps", f"must be >= 0, got {self.rewarm_steps}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The expansion cycle, e.g. ("depth", "width", "context")."""
+        return tuple(k.strip() for k in self.order.split(",") if k.strip())
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """Everything one local training run needs; the dotted keys of `--set` address its fields."""
@@ -212,6 +251,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Ray jobs around the bitlm library: distributed training, data preparation and MLflow tracking."""
