@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, TrainConfig, apply_overrides,
-                          flatten, from_dict, to_dict, to_json)
+from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, ScalingConfig, TrainConfig,
+                          apply_overrides, flatten, from_dict, to_dict, to_json)
 
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
                                 max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
@@ -54,7 +54,7 @@ def test_non_default_variants_differ_from_defaults_in_every_field():
 
 def test_to_dict_nests_sections_as_plain_dicts():
     data = to_dict(ExperimentConfig())
-    assert set(data) == {"model", "train", "diffusion"}
+    assert set(data) == {"model", "train", "diffusion", "scaling"}
     assert data["model"]["n_layers"] == ModelConfig().n_layers
     assert data["train"]["lr"] == TrainConfig().lr
     json.dumps(data)  # JSON-safe
@@ -295,7 +295,8 @@ def test_flatten_gives_dotted_keys_for_every_field():
     assert flat["train.lr"] == TrainConfig().lr
     expected = ({f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
                 | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
-                | {f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)})
+                | {f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)}
+                | {f"scaling.{f.name}" for f in dataclasses.fields(ScalingConfig)})
     assert set(flat) == expected
 
 
