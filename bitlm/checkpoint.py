@@ -3,8 +3,8 @@
 Layout of a directory:
   config.json              {"format": "bitlm/1", "model": ModelConfig fields}
   model.safetensors        weights (and the reference marginals of S)
-  optimizer.safetensors    optimizer tensors, keyed "state.<param index>.<name>"   (checkpoints only)
-  optimizer.json           param groups and per-parameter scalar state             (checkpoints only)
+  optimizer.safetensors    optimizer tensors, keyed "state/<parameter name>/<field>" (checkpoints only)
+  optimizer.json           param groups (by parameter name) and scalar state       (checkpoints only)
   trainer_state.json       step, elapsed seconds, history, data position           (checkpoints only)
   rng.safetensors          torch generator states, so dropout continues exactly    (checkpoints only)
 """
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
+from .parallel import cpu_state, load_named_optimizer_state, named_optimizer_state
 
 FORMAT = "bitlm/1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -54,21 +55,16 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
-def _write_model(directory: Path, model) -> None:
-    _write_json(directory / "config.json", {"format": FORMAT, "model": to_dict(model.config)})
-    save_file(_model_state(model), str(directory / "model.safetensors"), metadata={"format": FORMAT})
+def _write_model(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
+    _write_json(directory / "config.json", {"format": FORMAT, "model": to_dict(config)})
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": FORMAT})
 
 
 def save_pretrained(model, directory: str | Path) -> Path:
     """Write config.json + model.safetensors atomically; returns the directory."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        _write_model(tmp, model)
+        _write_model(tmp, model.config, cpu_state(model))
     return directory
 
 
@@ -94,31 +90,40 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
 
 def load_weights(model, directory: str | Path) -> None:
     """Copy model.safetensors into an existing model; shapes and names must match exactly."""
-    state = load_file(str(Path(directory) / "model.safetensors"))
+    load_state(model, load_file(str(Path(directory) / "model.safetensors")), source=directory)
+
+
+def load_state(model, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
+    """Copy a full state dict into a plain model; names and shapes must match exactly."""
     target = getattr(model, "_orig_mod", model)
     missing, unexpected = target.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ValueError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})")
 
 
-def _optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+def _optimizer_payload(named: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
+    for name, entries in named["state"].items():
+        for field, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().to("cpu").contiguous()
+                tensors[f"state/{name}/{field}"] = value.detach().to("cpu").contiguous()
             else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{name}/{field}"] = value
+    return tensors, {"param_groups": named["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(directory: str | Path, model, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-    """Everything needed to resume training exactly, written atomically."""
+def save_checkpoint(directory: str | Path, model, optimizer: torch.optim.Optimizer, trainer_state: dict, *,
+                    state: Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]] = None) -> Path:
+    """Everything needed to resume training exactly, written atomically.
+
+    `state` = (full model state, named optimizer state) when a distributed strategy gathered them;
+    by default both are read from the plain `model` and `optimizer`.
+    """
     directory = Path(directory)
+    model_state, named = state if state is not None else (cpu_state(model), named_optimizer_state(model, optimizer))
     with atomic_directory(directory) as tmp:
-        _write_model(tmp, model)
-        tensors, meta = _optimizer_payload(optimizer)
+        _write_model(tmp, model.config, model_state)
+        tensors, meta = _optimizer_payload(named)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
         rng = {"cpu": torch.get_rng_state()}
@@ -129,26 +134,38 @@ def save_checkpoint(directory: str | Path, model, optimizer: torch.optim.Optimiz
     return directory
 
 
-def load_checkpoint(directory: str | Path, model, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
-    """Restore model (and optimizer, RNG) from a checkpoint; returns its trainer state."""
+def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
+    """(model state, named optimizer state, trainer state) of a checkpoint directory, on CPU."""
     directory = Path(directory)
-    load_weights(model, directory)
-    if optimizer is not None:
-        tensors = load_file(str(directory / "optimizer.safetensors"))
-        meta = json.loads((directory / "optimizer.json").read_text())
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-        for key, value in meta["scalars"].items():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    rng = load_file(str(directory / "rng.safetensors"))
+    model_state = load_file(str(directory / "model.safetensors"))
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in load_file(str(directory / "optimizer.safetensors")).items():
+        _, name, field = key.split("/")
+        state.setdefault(name, {})[field] = value
+    for key, value in meta["scalars"].items():
+        name, field = key.split("/")
+        state.setdefault(name, {})[field] = value
+    named = {"state": state, "param_groups": meta["param_groups"]}
+    return model_state, named, json.loads((directory / "trainer_state.json").read_text())
+
+
+def restore_rng(directory: str | Path) -> None:
+    """Set torch's generators to the states saved with a checkpoint."""
+    rng = load_file(str(Path(directory) / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def load_checkpoint(directory: str | Path, model, optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
+    """Restore a plain model (and optimizer, RNG) from a checkpoint; returns its trainer state."""
+    model_state, named, trainer_state = read_checkpoint(directory)
+    load_state(model, model_state, source=directory)
+    if optimizer is not None:
+        load_named_optimizer_state(getattr(model, "_orig_mod", model), optimizer, named)
+    restore_rng(directory)
+    return trainer_state
 
 
 def step_directory(root: str | Path, step: int) -> Path:

@@ -15,14 +15,19 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import DiffusionConfig, TrainConfig, to_dict
+from .config import DiffusionConfig, ScalingConfig, TrainConfig, to_dict
 from .diffusion import diffusion_loss, evaluate_elbo
 from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb, model_inputs,
                         stream_loss, telemetry_penalty)
+from .parallel import Strategy
 from .telemetry import detect_metric_drift
 
-Report = Callable[[dict[str, float], Optional[Path]], None]
-"""Called with (metrics, checkpoint directory or None) at every log, eval and checkpoint event."""
+Report = Callable[[dict[str, Any], Optional[Path]], None]
+"""Called with (metrics, checkpoint directory or None) at every log, eval, scaling and checkpoint event.
+
+Every rank calls it the same number of times (Ray Train's rule); only the checkpoint writer
+passes a directory. A scaling event carries metrics["event"] == "expand" and "scaling/kind".
+"""
 
 TELEMETRY_KEYS = ("val/K", "val/C", "val/S")
 
@@ -38,6 +43,8 @@ class FitResult:
     metrics: dict[str, float]  # the last evaluation
     history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, in order
     checkpoint: Optional[Path] = None
+    model: Any = None  # the trained model: a new, larger one when progressive scaling grew it
+    expansions: list[dict[str, Any]] = field(default_factory=list)
 
 
 def compress_probability(cfg: TrainConfig, step: int) -> float:
@@ -111,36 +118,66 @@ def telemetry_means(model, byte_batch: torch.Tensor) -> dict[str, float]:
 def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig] = None,
         report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
         device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
-        progress: bool = False) -> FitResult:
+        progress: bool = False, strategy: Optional[Strategy] = None, resume_from: Optional[str | Path] = None,
+        scaling: Optional[ScalingConfig] = None) -> FitResult:
     """Train `model` on `corpus` (a bitlm.data.Corpus) following `cfg`.
 
     A causal model learns next-bit prediction; a non-causal one learns masked diffusion per
     `diffusion` (its loss is the ELBO, evaluated as val/elbo_bpb, an upper bound on bpb).
 
-    With `checkpoint_dir`, rank 0 writes step-NNNNNNNN/ checkpoints there and, when `resume`,
-    training continues from the newest one: same data order, optimizer and RNG state, so the
-    loss curve is the one an uninterrupted run would have produced.
+    With `checkpoint_dir`, the writer rank saves step-NNNNNNNN/ checkpoints there and, when `resume`,
+    training continues from the newest one (or from `resume_from`): same data order, optimizer and
+    RNG state, so the loss curve is the one an uninterrupted run would have produced.
+
+    `strategy` (bitlm.parallel) says how this rank holds the model (DDP, FSDP, a pipeline stage);
+    its rank and world size override `rank`/`world_size`. `scaling` grows the model when the
+    validation loss plateaus (bitlm.scaling); the grown model is FitResult.model.
     """
     device = resolve_device(device)
+    strategy = strategy or Strategy(rank=rank, world_size=world_size)
+    rank, world_size = strategy.rank, strategy.world_size
+    diffusion = diffusion or DiffusionConfig()
+    scaling = scaling or ScalingConfig()
+    torch.manual_seed(cfg.seed)
+
+    step, train_seconds, history, expansions = 0, 0.0, [], []
+    context_bytes = cfg.context_bytes
+    latest = Path(resume_from) if resume_from else (
+        ckpt.latest_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None)
+    saved = None
+    if latest is not None:
+        saved = ckpt.read_checkpoint(latest)
+        trainer = saved[2]
+        step, train_seconds, history = trainer["step"], trainer["train_seconds"], trainer["history"]
+        expansions = trainer.get("expansions", [])
+        context_bytes = trainer.get("context_bytes", context_bytes)
+        saved_config = ckpt.read_config(latest)
+        if saved_config != model.config:  # the run grew before it stopped: continue with the grown shape
+            model = type(model)(saved_config)
     base = model.to(device)
-    ids = cfg.context_bytes * base.config.ids_per_byte
-    if ids > base.config.max_input_ids:
-        raise ValueError(f"train.context_bytes={cfg.context_bytes} needs {ids} input ids but the model takes "
-                         f"{base.config.max_input_ids} (model.max_seq_len={base.config.max_seq_len})")
+    _check_context(base, context_bytes)
     # S compares bits with the corpus for either representation (the byte model's bytes as bits)
     base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
-    torch.manual_seed(cfg.seed)
+    strategy.check(base, cfg, diffusion)
+    if scaling.enabled:
+        from .scaling import PlateauDetector
+
+        if strategy.name == "pipeline":
+            raise ValueError("scaling.enabled: progressive scaling is not available with the pipeline strategy")
+        detector = PlateauDetector(scaling.window, scaling.improve_thresh)
+        if saved is not None and "plateau" in saved[2]:
+            detector.load_state_dict(saved[2]["plateau"])
+    n_parameters = base.num_parameters()  # of the whole model, before a strategy shards or splits it
+    net = strategy.wrap(base)
     optimizer = build_optimizer(base, cfg)
+    if saved is not None:
+        strategy.load_full_state(base, optimizer, saved[0], saved[1])
+        ckpt.restore_rng(latest)
+        saved = None
     autocast = autocast_factory(cfg.precision, device)
-    net = torch.compile(base) if cfg.compile else base
-
-    step, train_seconds, history = 0, 0.0, []
-    latest = ckpt.latest_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None
-    if latest is not None:
-        state = ckpt.load_checkpoint(latest, base, optimizer)
-        step, train_seconds, history = state["step"], state["train_seconds"], state["history"]
-
-    diffusion = diffusion or DiffusionConfig()
+    if cfg.compile:
+        net = torch.compile(net)
+    evaluate_fn = strategy.evaluate or evaluate
 
     if cfg.compress_prob > 0 and (base.config.n_streams < 2 or not base.config.causal):
         raise ValueError("train.compress_prob > 0 needs a causal model with model.n_streams >= 2 "
@@ -168,10 +205,19 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         mixed = (text.loss * (~picked).sum() + compressed * picked.sum()) / batch.shape[0]
         return dataclasses.replace(text, loss=mixed), stats
 
-    batches = corpus.train.random_batches(cfg.batch_size, cfg.context_bytes, seed=cfg.seed,
-                                          start_step=step * cfg.grad_accum_steps, rank=rank,
-                                          world_size=world_size)
-    bytes_per_step = cfg.batch_size * cfg.context_bytes * cfg.grad_accum_steps
+    # a pipeline feeds one batch through all ranks, so every rank draws the same one
+    shard_rank, shard_world = (0, 1) if strategy.owns_backward else (rank, world_size)
+    # ranks holding a whole replica each see batch_size rows; a pipeline's batch is the global one
+    replicas = 1 if strategy.owns_backward else world_size
+
+    def make_batches(context: int):
+        return corpus.train.random_batches(cfg.batch_size, context, seed=cfg.seed,
+                                           start_step=step * cfg.grad_accum_steps, rank=shard_rank,
+                                           world_size=shard_world)
+
+    batches = make_batches(context_bytes)
+    eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes)
+    bytes_seen = trainer_bytes_seen = float(history[-1].get("bytes_seen", 0)) if history else 0.0
     emit = report or (lambda metrics, path: None)
     bar = _progress_bar(progress, cfg, step)
     window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
@@ -179,13 +225,40 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     last_checkpoint = latest
     metrics: dict[str, float] = history[-1] if history else {}
 
+    def save(final: bool) -> None:
+        nonlocal last_checkpoint
+        if checkpoint_dir is None:
+            return
+        gathered = strategy.full_state(base, optimizer)  # collective: every rank takes part
+        path = None
+        if strategy.writes_checkpoints:
+            trainer = {"step": step, "train_seconds": train_seconds, "history": history, "train": to_dict(cfg),
+                       "context_bytes": context_bytes, "expansions": expansions}
+            if scaling.enabled:
+                trainer["plateau"] = detector.state_dict()
+            path = last_checkpoint = ckpt.save_checkpoint(ckpt.step_directory(checkpoint_dir, step), base,
+                                                          optimizer, trainer, state=gathered)
+            ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
+        emit({"step": step, "final": final}, path)
+
     base.train()
     while step < cfg.max_steps and (cfg.max_seconds is None or train_seconds < cfg.max_seconds):
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(cfg, step, train_seconds)
+        if expansions:
+            from .scaling import expanded_lr_scale
+
+            lr *= expanded_lr_scale(scaling, len(expansions), step - expansions[-1]["step"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.grad_accum_steps):
+            if strategy.owns_backward:
+                with autocast():
+                    out = strategy.forward_backward(next(batches), 1.0 / cfg.grad_accum_steps)
+                window_loss += float(out.loss) / cfg.grad_accum_steps
+                window_bits += float(out.nll_bits)
+                window_bytes += out.n_bytes
+                continue
             with autocast():
                 out, stats = objective(next(batches), step * cfg.grad_accum_steps + micro, step / cfg.max_steps)
                 penalty = telemetry_penalty(out, base.reference_marginals, base.config.bits_per_byte,
@@ -196,7 +269,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             window_bytes += out.n_bytes
             for key, value in stats.items():
                 window_stats[key] = window_stats.get(key, 0.0) + value / cfg.grad_accum_steps
-        grad_norm = torch.nn.utils.clip_grad_norm_(base.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        grad_norm = strategy.clip_grad_norm(base, cfg.grad_clip) if cfg.grad_clip > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -210,34 +283,95 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             bar.update(1)
 
         final = step >= cfg.max_steps or (cfg.max_seconds is not None and train_seconds >= cfg.max_seconds)
+        bytes_per_step = cfg.batch_size * context_bytes * cfg.grad_accum_steps * replicas
+        bytes_seen += bytes_per_step
         if step % cfg.log_every == 0 or final:
             bytes_per_s = window_steps * bytes_per_step / window_time
             emit({"step": step, "train_seconds": train_seconds, "lr": lr,
                   "train/loss": window_loss / window_steps, "train/bpb": window_bits / max(window_bytes, 1),
                   "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * base.config.bits_per_byte,
                   "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                  "bytes_seen": step * bytes_per_step * world_size}
+                  "bytes_seen": bytes_seen, "bits_seen": bytes_seen * base.config.bits_per_byte,
+                  "model/n_parameters": n_parameters}
                  | {f"train/{k}": v / window_steps for k, v in window_stats.items()}, None)
             if bar is not None:
                 bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", bpb=f"{window_bits / max(window_bytes, 1):.3f}")
             window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
             window_stats = {}
         if step % cfg.eval_every == 0 or final:
-            metrics = evaluate(base, corpus, cfg, autocast, diffusion) | {"step": step, "train_seconds": train_seconds}
+            metrics = evaluate_fn(base, corpus, eval_cfg, autocast, diffusion) | {
+                "step": step, "train_seconds": train_seconds, "bytes_seen": bytes_seen}
             history.append(metrics)
             metrics |= _drift(history, cfg)
             emit(metrics, None)
-        if checkpoint_dir is not None and rank == 0 and (
-                final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            last_checkpoint = ckpt.save_checkpoint(
-                ckpt.step_directory(checkpoint_dir, step), base, optimizer,
-                {"step": step, "train_seconds": train_seconds, "history": history, "train": to_dict(cfg)})
-            ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
-            emit({"step": step}, last_checkpoint)
+            if scaling.enabled and not final and detector.update(_val_loss(metrics)):
+                grown = _try_expand(base, strategy, scaling, expansions, context_bytes, corpus, step, eval_cfg)
+                if grown is not None:
+                    base, event = grown
+                    detector.reset()
+                    net = strategy.wrap(base)
+                    if cfg.compile:
+                        net = torch.compile(net)
+                    optimizer = build_optimizer(base, cfg)
+                    expansions.append(event)
+                    n_parameters = event["n_parameters"]
+                    if event["kind"] == "context":
+                        context_bytes *= 2
+                        eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes)
+                        batches = make_batches(context_bytes)
+                    emit({"step": step, "event": "expand", "scaling/kind": event["kind"],
+                          "scaling/expansions": len(expansions), "scaling/logit_change": event["logit_change"],
+                          "model/n_parameters": event["n_parameters"], "context_bytes": context_bytes}, None)
+                    save(final=False)  # every expansion is a checkpoint
+                    continue
+        if checkpoint_dir is not None and (final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+            save(final)
     if bar is not None:
         bar.close()
     return FitResult(step=step, train_seconds=train_seconds, metrics=metrics, history=history,
-                     checkpoint=last_checkpoint)
+                     checkpoint=last_checkpoint, model=base, expansions=expansions)
+
+
+def _check_context(model, context_bytes: int) -> None:
+    ids = context_bytes * model.config.ids_per_byte
+    if ids > model.config.max_input_ids:
+        raise ValueError(f"train.context_bytes={context_bytes} needs {ids} input ids but the model takes "
+                         f"{model.config.max_input_ids} (model.max_seq_len={model.config.max_seq_len})")
+
+
+def _val_loss(metrics: dict[str, float]) -> float:
+    return metrics["val/bpb"] if "val/bpb" in metrics else metrics["val/elbo_bpb"]
+
+
+def _try_expand(base, strategy: Strategy, scaling: ScalingConfig, expansions: list, context_bytes: int, corpus,
+                step: int, eval_cfg: TrainConfig):
+    """Grow the model one step of the cycle if the bounds allow; returns (new model, event) or None.
+
+    Every rank builds the same grown model: the full weights are gathered, and new weights come
+    from a generator seeded by the run's seed and the expansion count.
+    """
+    from .scaling import can_expand, expand_model, next_expansion
+
+    if len(expansions) >= scaling.max_expansions:
+        return None
+    kind = next_expansion(scaling, len(expansions))
+    ok, _ = can_expand(base.config, kind, scaling, context_bytes)
+    if not ok or (kind == "context" and 2 * context_bytes > corpus.train.window_bytes):
+        return None
+    plain = strategy.unwrapped(base)
+    generator = torch.Generator().manual_seed(eval_cfg.seed * 7919 + len(expansions) + 1)
+    grown = expand_model(plain, kind, add_layers=scaling.add_layers, generator=generator)
+    # function preservation, measured on a validation batch: the logits before and after growth
+    probe = next(iter(corpus.val.sequential_batches(2, context_bytes, max_batches=1)))
+    with torch.no_grad():
+        was = plain.training, grown.training
+        plain.eval(), grown.eval()
+        ids = model_inputs(plain, probe.to(next(plain.parameters()).device))
+        change = float((plain(ids)[0].float() - grown(ids)[0].float()).abs().max())
+        plain.train(was[0]), grown.train(was[1])
+    event = {"kind": kind, "step": step, "logit_change": change, "n_parameters": grown.num_parameters(),
+             "n_layers": grown.config.n_layers, "d_ff": grown.config.d_ff, "max_seq_len": grown.config.max_seq_len}
+    return grown, event
 
 
 def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None

@@ -85,6 +85,10 @@ class Strategy:
         """Clip the gradients of every parameter of the run to a global norm; returns the norm before clipping."""
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 
+    def unwrapped(self, model: nn.Module) -> nn.Module:
+        """A plain single-device model with the run's full current weights, on every rank (for growth)."""
+        return model
+
     # evaluation: None means engine.evaluate on the model itself (every rank computes the same numbers)
     evaluate = None
 
@@ -166,6 +170,17 @@ class FSDPStrategy(Strategy):
             return None
         buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in model.state_dict()}
         return {k: v.contiguous() for k, v in (model_state | buffers).items()}, _plain_groups(optim_state)
+
+    def unwrapped(self, model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # without cpu_offload every rank receives the full tensors (a collective: all ranks call this)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        device = next(iter(full.values())).device if full else torch.device("cpu")
+        plain = type(model)(model.config).to(device)
+        plain.load_state_dict(full, strict=False)
+        plain.reference_marginals.copy_(model.reference_marginals.to(device))
+        return plain.train(model.training)
 
     def load_full_state(self, model, optimizer, model_state, optimizer_state):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
