@@ -205,15 +205,17 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         mixed = (text.loss * (~picked).sum() + compressed * picked.sum()) / batch.shape[0]
         return dataclasses.replace(text, loss=mixed), stats
 
-    # a pipeline feeds one batch through all ranks, so every rank draws the same one
-    shard_rank, shard_world = (0, 1) if strategy.owns_backward else (rank, world_size)
-    # ranks holding a whole replica each see batch_size rows; a pipeline's batch is the global one
+    # Data-parallel ranks each take batch_size rows of one global batch drawn as a single process
+    # would draw batch_size * world_size rows, so a W-worker run sees exactly the batches of a
+    # 1-worker run with a W times larger batch. A pipeline feeds one batch through all ranks.
     replicas = 1 if strategy.owns_backward else world_size
 
     def make_batches(context: int):
-        return corpus.train.random_batches(cfg.batch_size, context, seed=cfg.seed,
-                                           start_step=step * cfg.grad_accum_steps, rank=shard_rank,
-                                           world_size=shard_world)
+        drawn = corpus.train.random_batches(cfg.batch_size * replicas, context, seed=cfg.seed,
+                                            start_step=step * cfg.grad_accum_steps)
+        if replicas == 1:
+            return drawn
+        return (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in drawn)
 
     batches = make_batches(context_bytes)
     eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes)
