@@ -8,6 +8,7 @@ from .generate import generate_command
 from .prepare import prepare_command
 from .score import eval_command
 from .train import demo_command, train_command
+from .ui import ui_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -29,3 +30,4 @@ main.add_command(train_command)
 main.add_command(eval_command)
 main.add_command(generate_command)
 main.add_command(demo_command)
+main.add_command(ui_command)
