@@ -197,6 +197,12 @@ class RunTracker:
             self.client.set_registered_model_alias(registered_name, alias, str(info.registered_model_version))
         return info.model_uri
 
+    def detach(self) -> None:
+        """Stop system metrics but leave the run open (a worker hands the run back to the driver)."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics and mark the run FINISHED (or FAILED / KILLED)."""
         if self._monitor is not None:

@@ -1,0 +1,305 @@
+"""Distributed training on Ray Train, tracked in MLflow.
+
+Ray's own split: `train_fn_per_worker` runs on every worker (builds the model, applies the
+strategy from bitlm.parallel, reads its shard of the prepared Parquet corpus and runs
+bitlm.engine.fit); `train_driver(cfg)` runs one training run (a TorchTrainer) and logs the final
+model. `python -m pipelines.train --config FILE --set k=v` is the `ray job submit` entry point.
+
+Data: every worker opens the corpus directory itself (a memory-mapped Parquet reader) and draws
+its own rows (window r, r + world_size, ... for DDP/FSDP; the same batch on every rank for a
+pipeline). Batches are step-deterministic, so a restarted worker resumes the exact data order
+without any reader state; Ray Data would add a streaming executor and an object-store hop per
+batch for data that is already laid out as fixed windows (see BENCHMARKS.md, Ray Train overhead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import click
+
+from bitlm.config import ExperimentConfig, _check, _check_choice, apply_overrides, flatten, from_dict, to_dict
+
+Strategy = Literal["ddp", "fsdp", "pipeline"]
+PipelineSchedule = Literal["gpipe", "1f1b"]
+FAILURE_MARKER = "injected-failure"  # written next to the run once fail_at_step has fired
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayRunConfig:
+    """Where and how a run executes: workers, devices, strategy, storage, tracking."""
+
+    name: str = "bitlm"  # Ray Train run name; the same name and storage path resume a stopped run
+    experiment: str = "bitlm"  # MLflow experiment
+    storage_path: str = "runs/ray"  # made absolute (Ray Train's controller needs that)
+    data: str = ""  # corpus directory written by `bitlm prepare` / pipelines.prepare
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    strategy: Strategy = "ddp"
+    n_microbatches: int = 4  # pipeline strategy: micro-batches per step
+    pipeline_schedule: PipelineSchedule = "gpipe"
+    max_failures: int = 0  # worker/node failures survived by restarting from the latest checkpoint
+    tracking: bool = True  # MLflow run per training run (rank 0 logs)
+    register_model: Optional[str] = None  # registered model name for the final model
+    model_alias: Optional[str] = None  # alias set on that registered version, e.g. "candidate"
+    fail_at_step: int = 0  # drill: the last rank raises once at this step (0: never)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name, got {self.name!r}")
+        _check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check_choice(self.strategy, "run.strategy", Strategy)
+        _check_choice(self.pipeline_schedule, "run.pipeline_schedule", PipelineSchedule)
+        _check(self.n_microbatches >= 1, "run.n_microbatches", f"must be >= 1, got {self.n_microbatches}")
+        _check(self.max_failures >= -1, "run.max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        _check(self.fail_at_step >= 0, "run.fail_at_step", f"must be >= 0, got {self.fail_at_step}")
+        _check(self.model_alias is None or self.register_model is not None, "run.model_alias",
+               "needs run.register_model (an alias names a version of a registered model)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(ExperimentConfig):
+    """An ExperimentConfig plus the `run` section of a Ray Train run."""
+
+    run: RayRunConfig = field(default_factory=RayRunConfig)
+
+
+def load_config(path: Optional[str | Path], sets: tuple[str, ...] | list[str] = ()) -> PipelineConfig:
+    """A PipelineConfig from a JSON file (sections model/train/diffusion/scaling/run), then --set overrides."""
+    cfg = from_dict(PipelineConfig, json.loads(Path(path).read_text())) if path else PipelineConfig()
+    return apply_overrides(cfg, list(sets))
+
+
+def run_directory(cfg: PipelineConfig) -> Path:
+    return Path(cfg.run.storage_path).resolve() / cfg.run.name
+
+
+# ----------------------------------------------------------------------------------------------
+# on every worker
+
+
+class RayReporter:
+    """engine.fit's report callback: ray.train.report on every rank, MLflow on rank 0.
+
+    Ray's report is a barrier across workers, so it is called on evaluations, scaling events and
+    checkpoints only (every rank sees the same sequence of those); per-step training metrics go to
+    MLflow alone.
+    """
+
+    def __init__(self, rank: int, world_size: int, tracker=None, fail_at_step: int = 0,
+                 failure_marker: Optional[Path] = None):
+        self.rank, self.world_size = rank, world_size
+        self.tracker = tracker
+        self.fail_at_step = fail_at_step
+        self.failure_marker = failure_marker
+        self.last_eval: dict[str, Any] = {}  # repeated with each checkpoint, so Result.metrics has the scores
+
+    def __call__(self, metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
+        import ray.train
+
+        step = int(metrics.get("step", 0))
+        if self.tracker is not None:
+            if metrics.get("event") == "expand":
+                self.tracker.log_event(metrics["scaling/kind"], step, **{
+                    k: v for k, v in metrics.items() if k not in ("event", "scaling/kind", "step")})
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        is_eval = any(k.startswith("val/") for k in metrics)
+        if is_eval:
+            self.last_eval = dict(metrics)
+        if checkpoint is not None or is_eval or metrics.get("event") or "final" in metrics:
+            merged = (self.last_eval | metrics) if checkpoint is not None else metrics
+            numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float, str))}
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
+            ray.train.report(numeric, checkpoint=ckpt, checkpoint_dir_name=checkpoint.name if checkpoint else None)
+        self._maybe_fail(step)
+
+    def _maybe_fail(self, step: int) -> None:
+        """Failure drill: the last rank dies once at fail_at_step (the marker keeps restarts from dying again)."""
+        if not self.fail_at_step or step != self.fail_at_step or self.rank != self.world_size - 1:
+            return
+        if self.failure_marker is None or self.failure_marker.exists():
+            return
+        self.failure_marker.parent.mkdir(parents=True, exist_ok=True)
+        self.failure_marker.write_text(f"worker {self.rank} failed on purpose at step {step}\n")
+        raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: build, wrap and train the model; resume from Ray's latest checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from bitlm.data import Corpus
+    from bitlm.engine import fit
+    from bitlm.model import BitTransformerLM
+    from bitlm.parallel import make_strategy
+
+    cfg = from_dict(PipelineConfig, config["cfg"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    options = {}
+    if cfg.run.strategy == "pipeline":
+        options = {"n_microbatches": cfg.run.n_microbatches, "schedule": cfg.run.pipeline_schedule}
+    strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size, **options)
+    corpus = Corpus.open(cfg.run.data)
+    torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
+    model = BitTransformerLM(cfg.model)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from .tracking import RunTracker
+
+        tracker = RunTracker.start(cfg.run.experiment, cfg.run.name, {}, run_id=config["mlflow_run_id"],
+                                   uri=config["tracking_uri"])
+    reporter = RayReporter(rank, world_size, tracker, cfg.run.fail_at_step,
+                           Path(config["run_dir"]) / FAILURE_MARKER)
+    restored = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="bitlm-ckpt-") as local:
+        resume_dir = None
+        if restored is not None:
+            resume_dir = Path(restored.to_directory(str(Path(local) / "restored")))
+        try:
+            fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=reporter,
+                checkpoint_dir=Path(local) / "checkpoints", resume=False, resume_from=resume_dir, device=device,
+                strategy=strategy, scaling=cfg.scaling)
+        finally:
+            if tracker is not None:
+                tracker.detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# on the driver
+
+
+def _mlflow_run_id(cfg: PipelineConfig, run_dir: Path, uri: str) -> Optional[str]:
+    """The MLflow run of this training run: created once, reused when the driver resumes the run."""
+    if not cfg.run.tracking:
+        return None
+    from .tracking import RunTracker
+
+    id_file = run_dir / "mlflow_run_id"
+    if id_file.exists():
+        return id_file.read_text().strip()
+    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(cfg).items()}
+    tracker = RunTracker.start(cfg.run.experiment, cfg.run.name, params, system_metrics=False, uri=uri,
+                               tags={"bitlm.strategy": cfg.run.strategy, "bitlm.arch": cfg.model.arch})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(tracker.run_id)
+    return tracker.run_id
+
+
+def train_driver(cfg: PipelineConfig):
+    """Run one training run on the connected Ray cluster; returns the ray.train.Result.
+
+    The final model is logged to MLflow as a pyfunc model whose artifact is its save_pretrained
+    directory (and registered when run.register_model is set); <run dir>/model holds a copy.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .tracking import tracking_uri
+
+    if not cfg.run.data:
+        raise ValueError("run.data: the corpus directory is required (write one with `bitlm prepare`)")
+    if not (Path(cfg.run.data) / "manifest.json").exists():
+        raise ValueError(f"run.data: {cfg.run.data} holds no manifest.json (write it with `bitlm prepare`)")
+    data = str(Path(cfg.run.data).resolve())
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=data))
+    run_dir = run_directory(cfg)
+    uri = tracking_uri()
+    run_id = _mlflow_run_id(cfg, run_dir, uri)
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
+                           "run_dir": str(run_dir)},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                               resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=str(run_dir.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1))),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        _finish_tracking(uri, run_id, "FAILED")
+        raise
+    model_dir = _export_model(result, run_dir / "model")
+    _finish_tracking(uri, run_id, "FINISHED", cfg, result, model_dir)
+    return result
+
+
+def _export_model(result, target: Path) -> Optional[Path]:
+    """Copy the weights and config of the final checkpoint into a save_pretrained directory."""
+    if result.checkpoint is None:
+        return None
+    from bitlm.checkpoint import atomic_directory
+
+    with result.checkpoint.as_directory() as source, atomic_directory(target) as tmp:
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy2(Path(source) / name, tmp / name)
+    return target
+
+
+def _finish_tracking(uri: str, run_id: Optional[str], status: str, cfg: Optional[PipelineConfig] = None, result=None,
+                     model_dir: Optional[Path] = None) -> None:
+    if run_id is None:
+        return
+    from .tracking import RunTracker
+
+    tracker = RunTracker.start("", "", {}, run_id=run_id, system_metrics=False, uri=uri)
+    if result is not None:
+        final = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        tracker.log_dict(final, "metrics.json")
+        if model_dir is not None:
+            tracker.log_model(model_dir, registered_name=cfg.run.register_model, alias=cfg.run.model_alias)
+    tracker.end(status)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="PipelineConfig JSON: sections model, train, diffusion, scaling, run (see pipelines/configs/).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a field by dotted key, e.g. --set run.num_workers=4 --set train.lr=1e-3. Repeatable.")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray).")
+def main(config_file, sets, address):
+    """Train on Ray Train with MLflow tracking (use with `ray job submit --working-dir . -- python -m pipelines.train`)."""
+    try:
+        cfg = load_config(config_file, sets)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    result = run_training(cfg, address=address)
+    click.echo(summary(result))
+
+
+def run_training(cfg: PipelineConfig, *, address: Optional[str] = None):
+    """Connect to (or start) Ray and run train_driver."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    return train_driver(cfg)
+
+
+def summary(result) -> str:
+    metrics = result.metrics or {}
+    score = (f"val bpb {metrics['val/bpb']:.4f}" if "val/bpb" in metrics else
+             f"val ELBO bpb {metrics['val/elbo_bpb']:.4f} (upper bound)" if "val/elbo_bpb" in metrics else "no eval")
+    where = result.checkpoint.path if result.checkpoint is not None else "no checkpoint"
+    return f"done: step {metrics.get('step', '?')}; {score}; checkpoint {where}"
+
+
+if __name__ == "__main__":
+    main()

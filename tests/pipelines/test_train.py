@@ -1,0 +1,167 @@
+"""Ray Train pipeline on a local Ray: DDP, FSDP2 and pipeline strategies, failures, scaling, MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bitlm import checkpoint as ckpt
+from bitlm.config import ModelConfig, ScalingConfig, TrainConfig
+from bitlm.data import Corpus, prepare_corpus
+from bitlm.engine import evaluate, fit
+from bitlm.model import BitTransformerLM
+from pipelines.train import PipelineConfig, RayRunConfig, load_config, train_driver
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
+MODEL = ModelConfig.from_name("tiny", kind="patched", n_layers=2, max_seq_len=64)
+TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=16, warmup_steps=2, log_every=4, eval_every=8,
+                    eval_batches=2, checkpoint_every=8, lr=3e-3, precision="fp32")
+CURVE_TOLERANCE = 2e-3  # val bpb of a 2-worker run vs one worker on the same global batch (float reduction order)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    text = SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    source = out.parent / "source.txt"
+    source.write_bytes(text)
+    prepare_corpus([source], out, window_bytes=256, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield MlflowClient(tracking_uri=uri)
+
+
+def config(corpus_dir, tmp_path, name, **run) -> PipelineConfig:
+    return PipelineConfig(model=MODEL, train=TRAIN,
+                          run=RayRunConfig(name=name, experiment="tests", storage_path=str(tmp_path / "ray"),
+                                           data=str(corpus_dir), num_workers=2, cpus_per_worker=1.0, **run))
+
+
+def single_process_reference(corpus_dir, batch_size: int):
+    """The same run in this process with the global batch: what DDP and FSDP must reproduce."""
+    torch.manual_seed(TRAIN.seed)
+    model = BitTransformerLM(MODEL)
+    cfg = dataclasses.replace(TRAIN, batch_size=batch_size)
+    return fit(model, Corpus.open(corpus_dir), cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(corpus_dir) -> float:
+    """Final val bpb of the reference, scored on the per-worker eval batches the Ray runs use."""
+    result = single_process_reference(corpus_dir, 2 * TRAIN.batch_size)
+    assert result.history[0]["val/bpb"] > result.metrics["val/bpb"]  # it learned
+    return evaluate(result.model, Corpus.open(corpus_dir), TRAIN)["val/bpb"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ray_local, corpus_dir, tracking, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    return train_driver(config(corpus_dir, tmp, "ddp", strategy="ddp")), tmp
+
+
+def run_metrics(client: MlflowClient, name: str) -> dict:
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                              filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, f"expected one MLflow run named {name}, found {len(runs)}"
+    return runs[0]
+
+
+def test_ddp_two_workers_reproduce_one_worker_on_the_same_global_batch(ddp_run, reference):
+    result, _ = ddp_run
+    assert result.metrics["step"] == TRAIN.max_steps
+    assert result.metrics["val/bpb"] == pytest.approx(reference, abs=CURVE_TOLERANCE)
+
+
+def test_the_mlflow_run_holds_params_metrics_and_a_loadable_model(ddp_run, tracking):
+    import mlflow
+
+    run = run_metrics(tracking, "ddp")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["run.strategy"] == "ddp" and run.data.params["model.arch"] == "patched"
+    for key in ("train/loss", "val/bpb", "val/K", "val/C", "val/S", "bits_per_s", "bits_seen", "lr",
+                "model/n_parameters"):
+        assert key in run.data.metrics, key
+    losses = [m.value for m in tracking.get_metric_history(run.info.run_id, "train/loss")]
+    assert len(losses) == TRAIN.max_steps // TRAIN.log_every
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    assert len(models) == 1
+    texts = mlflow.pyfunc.load_model(models[0].model_uri).predict(["To be"])
+    assert isinstance(texts[0], str) and len(texts[0]) > 0
+
+
+def test_fsdp_matches_one_worker_and_its_checkpoint_loads_into_one_process(ray_local, corpus_dir, tracking,
+                                                                            reference, tmp_path):
+    result = train_driver(config(corpus_dir, tmp_path, "fsdp", strategy="fsdp"))
+    assert result.metrics["val/bpb"] == pytest.approx(reference, abs=CURVE_TOLERANCE)
+    with result.checkpoint.as_directory() as directory:
+        model = ckpt.from_pretrained(directory)
+    corpus = Corpus.open(corpus_dir)
+    # the single-process model scores the validation set exactly as the sharded one did
+    assert evaluate(model, corpus, TRAIN)["val/bpb"] == pytest.approx(result.metrics["val/bpb"], abs=1e-5)
+
+
+def test_pipeline_strategy_trains_on_two_stages(ray_local, corpus_dir, tracking, tmp_path):
+    cfg = config(corpus_dir, tmp_path, "pipeline", strategy="pipeline", n_microbatches=2)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(TRAIN, max_steps=24))
+    result = train_driver(cfg)
+    history = [m.value for m in MlflowClient().get_metric_history(run_metrics(tracking, "pipeline").info.run_id,
+                                                                  "val/bpb")]
+    assert result.metrics["step"] == 24
+    assert history[-1] < history[0]
+
+
+def test_an_injected_worker_failure_resumes_from_the_last_checkpoint(ray_local, corpus_dir, tracking, tmp_path,
+                                                                     ddp_run):
+    cfg = config(corpus_dir, tmp_path, "failure", strategy="ddp", max_failures=1, fail_at_step=12)
+    result = train_driver(cfg)
+    assert (tmp_path / "ray" / "failure" / "injected-failure").exists()
+    straight, _ = ddp_run
+    assert result.metrics["step"] == straight.metrics["step"] == TRAIN.max_steps
+    # resumed at step 8 with the same data order, optimizer and RNG: the same final model
+    assert result.metrics["val/bpb"] == pytest.approx(straight.metrics["val/bpb"], abs=1e-4)
+
+
+def test_progressive_scaling_expands_twice_with_unchanged_logits_and_logs_events(ray_local, corpus_dir, tracking,
+                                                                              tmp_path):
+    cfg = config(corpus_dir, tmp_path, "scaling", strategy="ddp")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(TRAIN, max_steps=28, eval_every=4),
+                              scaling=ScalingConfig(enabled=True, window=1, improve_thresh=10.0, rewarm_steps=4))
+    result = train_driver(cfg)
+    run = run_metrics(tracking, "scaling")
+    client = MlflowClient()
+    expansions = client.get_metric_history(run.info.run_id, "scaling/expansions")
+    assert max(m.value for m in expansions) >= 2
+    changes = [m.value for m in client.get_metric_history(run.info.run_id, "scaling/logit_change")]
+    assert len(changes) >= 2 and max(changes) < 1e-4
+    events = {k: v for k, v in run.data.tags.items() if k.startswith("scaling.event.")}
+    assert len(events) >= 2 and '"kind": "depth"' in events["scaling.event.1"]
+    with result.checkpoint.as_directory() as directory:
+        grown = ckpt.read_config(directory)
+    assert grown.n_layers == MODEL.n_layers + 1 and grown.d_ff == 2 * MODEL.d_ff
+
+
+def test_configs_validate_and_load_from_json(tmp_path):
+    with pytest.raises(ValueError, match="run.strategy"):
+        RayRunConfig(strategy="zero3")
+    with pytest.raises(ValueError, match="run.num_workers"):
+        RayRunConfig(num_workers=0)
+    example = Path(__file__).resolve().parents[2] / "pipelines/configs/tiny-cpu.json"
+    cfg = load_config(example, ["run.num_workers=1", "train.lr=0.001"])
+    assert cfg.run.num_workers == 1 and math.isclose(cfg.train.lr, 1e-3)
+    with pytest.raises(ValueError, match="run.data"):
+        train_driver(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data="")))
