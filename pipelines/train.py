@@ -151,6 +151,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if cfg.run.strategy == "pipeline":
         options = {"n_microbatches": cfg.run.n_microbatches, "schedule": cfg.run.pipeline_schedule}
     strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size, **options)
+    _record_placement(Path(config["run_dir"]), rank, str(device))
     corpus = Corpus.open(cfg.run.data)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = BitTransformerLM(cfg.model)
@@ -175,6 +176,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         finally:
             if tracker is not None:
                 tracker.detach()
+
+
+def _record_placement(run_dir: Path, rank: int, device: str) -> None:
+    """Write <run dir>/workers/rank-N.json: the node, host, process and device of each rank (latest attempt)."""
+    import socket
+
+    import ray
+
+    record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+              "pid": os.getpid(), "device": device}
+    directory = run_dir / "workers"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"rank-{rank}.json").write_text(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

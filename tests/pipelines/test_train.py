@@ -165,3 +165,24 @@ def test_configs_validate_and_load_from_json(tmp_path):
     assert cfg.run.num_workers == 1 and math.isclose(cfg.train.lr, 1e-3)
     with pytest.raises(ValueError, match="run.data"):
         train_driver(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data="")))
+
+
+def test_a_multi_node_run_survives_losing_a_node(corpus_dir, tmp_path):
+    """Its own Ray cluster (head + 2 worker nodes), so it runs in a subprocess beside the session's Ray."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RAY_ADDRESS="", RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+    env.pop("RAY_ADDRESS")
+    done = subprocess.run([sys.executable, "-m", "pipelines.drills", "node-loss", "--data", str(corpus_dir),
+                           "--storage", str(tmp_path / "ray"), "--steps", "16"],
+                          capture_output=True, text=True, timeout=280, env=env,
+                          cwd=Path(__file__).resolve().parents[2])
+    lines = [line for line in done.stdout.splitlines() if line.startswith("DRILL ")]
+    assert lines, f"drill printed no result:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    out = json.loads(lines[-1][len("DRILL "):])
+    assert out["error"] is None, out["error"]
+    assert any("removed_node" in e for e in out["events"]), "no worker's node was removed"
+    assert out["step"] == 16 and math.isfinite(out["val_bpb"])
