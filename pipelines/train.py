@@ -316,4 +316,8 @@ def summary(result) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    # run the importable module's main, not this __main__ copy: Ray pickles the worker function by
+    # reference only when it lives in an importable module, and the configs' type hints resolve there
+    from pipelines.train import main as importable_main
+
+    importable_main()
