@@ -152,8 +152,11 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         expansions = trainer.get("expansions", [])
         context_bytes = trainer.get("context_bytes", context_bytes)
         saved_config = ckpt.read_config(latest)
-        if saved_config != model.config:  # the run grew before it stopped: continue with the grown shape
-            model = type(model)(saved_config)
+        if saved_config != model.config:
+            if not _grown_from(model.config, saved_config):
+                raise ValueError(f"{latest}: the checkpoint holds a different model ({saved_config}) than the one "
+                                 f"requested ({model.config}); start a new run (another name or directory)")
+            model = type(model)(saved_config)  # the run grew before it stopped: continue with the grown shape
     base = model.to(device)
     _check_context(base, context_bytes)
     # S compares bits with the corpus for either representation (the byte model's bytes as bits)
@@ -339,6 +342,13 @@ def _check_context(model, context_bytes: int) -> None:
     if ids > model.config.max_input_ids:
         raise ValueError(f"train.context_bytes={context_bytes} needs {ids} input ids but the model takes "
                          f"{model.config.max_input_ids} (model.max_seq_len={model.config.max_seq_len})")
+
+
+def _grown_from(requested, saved) -> bool:
+    """Whether `saved` is `requested` after progressive-scaling expansions (deeper, wider, longer only)."""
+    grown = ("n_layers", "d_ff", "max_seq_len")
+    same = dataclasses.replace(saved, **{k: getattr(requested, k) for k in grown}) == requested
+    return same and all(getattr(saved, k) >= getattr(requested, k) for k in grown)
 
 
 def _val_loss(metrics: dict[str, float]) -> float:

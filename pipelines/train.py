@@ -114,6 +114,10 @@ class RayReporter:
         is_eval = any(k.startswith("val/") for k in metrics)
         if is_eval:
             self.last_eval = dict(metrics)
+            if self.rank == 0:  # reaches the driver's console through Ray's log forwarding
+                score = "val/bpb" if "val/bpb" in metrics else "val/elbo_bpb"
+                print(f"step {step}: {score} {metrics[score]:.4f}  K {metrics['val/K']:.3f}  "
+                      f"C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", flush=True)
         if checkpoint is not None or is_eval or metrics.get("event") or "final" in metrics:
             merged = (self.last_eval | metrics) if checkpoint is not None else metrics
             numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float, str))}
@@ -220,6 +224,7 @@ def train_driver(cfg: PipelineConfig):
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     from .tracking import tracking_uri
 
@@ -242,7 +247,8 @@ def train_driver(cfg: PipelineConfig):
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=str(run_dir.parent),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1))),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
+            logging_config=LoggingConfig(log_level="WARNING")),  # our reporter prints the evaluations
     )
     try:
         result = trainer.fit()
@@ -303,7 +309,10 @@ def run_training(cfg: PipelineConfig, *, address: Optional[str] = None):
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        address = address or os.environ.get("RAY_ADDRESS")
+        # Ray Train's controller watches its workers through the dashboard's state API, so a local
+        # Ray keeps the dashboard, bound to loopback
+        ray.init(address=address, log_to_driver=True, **({} if address else {"dashboard_host": "127.0.0.1"}))
     return train_driver(cfg)
 
 

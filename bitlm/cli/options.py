@@ -16,13 +16,17 @@ DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMAR
 
 
 def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: tuple[str, ...],
-                     minutes: Optional[float], steps: Optional[int]) -> ExperimentConfig:
-    """Preset of a kind (or JSON file) -> --minutes/--steps -> --set overrides, in that order."""
+                     minutes: Optional[float], steps: Optional[int], *, cls: type = ExperimentConfig,
+                     defaults: tuple[str, ...] = ()):
+    """Preset of a kind (or JSON file) -> `defaults` -> --minutes/--steps -> --set overrides, in that order.
+
+    `cls` is ExperimentConfig for local runs, or pipelines.train.PipelineConfig (adds `run`) for Ray runs.
+    """
     try:
         if config_file:
-            cfg = from_dict(ExperimentConfig, json.loads(Path(config_file).read_text()))
+            cfg = from_dict(cls, json.loads(Path(config_file).read_text()))
         else:
-            cfg = ExperimentConfig(model=ModelConfig.from_name(preset, kind=kind))
+            cfg = apply_overrides(cls(model=ModelConfig.from_name(preset, kind=kind)), defaults)
         if minutes is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))

@@ -1,4 +1,4 @@
-"""`bitlm train --local` and `bitlm demo`: training in this process, with a metrics log and checkpoints."""
+"""`bitlm train` (Ray Train, or --local in this process) and `bitlm demo`."""
 
 from __future__ import annotations
 
@@ -71,33 +71,66 @@ def _score_text(metrics) -> str:
 
 
 @click.command("train")
-@click.option("--local", is_flag=True, default=True, show_default=True,
-              help="Train in this process on this machine's devices (the only mode the library offers; "
-                   "distributed runs go through the Ray pipelines).")
+@click.option("--local", is_flag=True,
+              help="Train in this process (no Ray, no MLflow): metrics.jsonl, checkpoints/ and model/ under --out.")
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="Corpus directory written by `bitlm prepare`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory: config.json, metrics.jsonl, checkpoints/, model/.")
+              help="Run directory. With Ray its name is the run name and its parent the storage path.")
 @model_options
 @click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Continue from the newest checkpoint in <out>/checkpoints if there is one.")
+              help="Continue from the newest checkpoint of the run if there is one.")
 @diffusion_options
 @click.option("--diffusion-curriculum", is_flag=True, help="Draw heavy noise early in training, uniform by the end.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--device", default=None, help="--local: torch device (default: cuda if available, else cpu).")
+@click.option("--workers", type=int, default=None, help="Ray: training workers [run.num_workers=2].")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp", "pipeline"]), default=None,
+              help="Ray: data parallel (ddp), sharded data parallel (fsdp) or one pipeline stage per worker "
+                   "[run.strategy=ddp].")
+@click.option("--gpu", is_flag=True, help="Ray: one GPU per worker (NCCL).")
+@click.option("--scaling", is_flag=True, help="Grow the model (depth, width, context) when val loss plateaus.")
+@click.option("--address", default=None, help="Ray: cluster address (default: RAY_ADDRESS, else a new local Ray).")
 def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
-                  noise_schedule, diffusion_steps, diffusion_curriculum, device):
-    """Train a model on a prepared corpus and save it to <out>/model.
+                  noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling,
+                  address):
+    """Train a model on a prepared corpus.
 
-    Validation bits-per-byte and K/C/S are printed at every evaluation; every metric goes to
-    <out>/metrics.jsonl. Interrupt and re-run the same command to resume exactly.
+    By default the run goes through Ray Train (a local Ray, or --address) with MLflow tracking
+    (MLFLOW_TRACKING_URI, default sqlite:///<cwd>/mlflow.db; browse with `bitlm ui`); the final
+    model lands in <out>/model and in MLflow. --local trains in this process instead. Validation
+    bits-per-byte and K/C/S are reported at every evaluation; re-run the same command to resume.
     """
-    sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + tuple(sets)
-    cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
-    _, _, result = run_local_training(cfg, Path(data_dir), Path(out_dir), resume=resume, device=device,
-                                      progress=sys.stderr.isatty())
-    m = result.metrics
-    click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(m)}; "
-               f"model saved to {Path(out_dir) / 'model'}")
+    sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + (
+        ("scaling.enabled=true",) if scaling else ()) + tuple(sets)
+    out = Path(out_dir)
+    if local:
+        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
+        _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
+                                          progress=sys.stderr.isatty())
+        click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "
+                   f"model saved to {out / 'model'}")
+        return
+    from pipelines.train import PipelineConfig, summary
+
+    run = [f"run.data={Path(data_dir).resolve()}", f"run.name={out.resolve().name}",
+           f"run.storage_path={out.resolve().parent}"]
+    run += [f"run.num_workers={workers}"] if workers is not None else []
+    run += [f"run.strategy={strategy}"] if strategy else []
+    run += ["run.use_gpu=true"] if gpu else []
+    cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig)
+    if not resume and out.exists():
+        shutil.rmtree(out)  # Ray Train resumes whatever run sits at the same name and storage path
+    result = run_ray_training(cfg, address)
+    click.echo(summary(result) + f"; model saved to {out / 'model'}")
+
+
+def run_ray_training(cfg, address):
+    from pipelines.train import run_training
+
+    try:
+        return run_training(cfg, address=address)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 @click.command("demo")
@@ -106,27 +139,39 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
 @click.option("--max-corpus-bytes", default=4_000_000, show_default=True,
               help="How much of the standard-library sources to prepare.")
 def demo_command(out_dir, minutes, max_corpus_bytes):
-    """Prepare the default corpus, train the tiny preset, report bpb and K/C/S, and sample."""
-    from ..baselines import compressor_bpb
-    from ..data import prepare_corpus
-    from ..sampling import generate
+    """Prepare the default corpus, train the tiny preset on Ray Train with MLflow tracking, report and sample.
 
-    out = Path(out_dir)
+    Local Ray, one worker; MLflow in MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db (`bitlm ui` to browse).
+    """
+    from ..baselines import compressor_bpb
+    from ..checkpoint import from_pretrained
+    from ..data import Corpus, prepare_corpus
+    from ..sampling import generate
+    from pipelines.train import PipelineConfig
+
+    out = Path(out_dir).resolve()
     data_dir = out / "data"
     if not (data_dir / "manifest.json").exists():
         click.echo(f"preparing up to {max_corpus_bytes:,} bytes of Python standard-library sources ...")
         prepare_corpus(None, data_dir, max_bytes=max_corpus_bytes, progress=True)
-    cfg = build_experiment("tiny", DEFAULT_KIND, None, ("train.eval_every=100", "train.warmup_steps=50"), minutes, None)
-    model, corpus, result = run_local_training(cfg, data_dir, out / "run", resume=False, device=None, progress=True)
+    run_dir = out / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a demo is a fresh run, never a resumed one
+    defaults = (f"run.data={data_dir}", "run.name=run", f"run.storage_path={out}", "run.experiment=bitlm-demo",
+                "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every=100", "train.warmup_steps=50")
+    cfg = build_experiment("tiny", DEFAULT_KIND, None, (), minutes, None, cls=PipelineConfig, defaults=defaults)
+    click.echo(f"training {cfg.model.arch} tiny for {minutes:g} min on Ray Train (1 worker), tracked in MLflow ...")
+    result = run_ray_training(cfg, None)
     m = result.metrics
-    val_sample = corpus.val.sequential_batches(64, 1024, max_batches=1)
-    val_bytes = next(iter(val_sample)).numpy().tobytes()
+    model = from_pretrained(run_dir / "model")
+    corpus = Corpus.open(data_dir)
+    val_bytes = next(iter(corpus.val.sequential_batches(64, 1024, max_batches=1))).numpy().tobytes()
     ref = compressor_bpb(val_bytes)
     click.echo("")
-    click.echo(f"trained {result.step} steps in {result.train_seconds:.0f} s")
+    click.echo(f"trained {int(m['step'])} steps in {m['train_seconds']:.0f} s")
     click.echo(f"val bits/byte: model {m['val/bpb']:.3f} | gzip -9 {ref['gzip-9']:.3f} | xz -9e {ref['xz-9e']:.3f} "
                f"(compressors on {len(val_bytes):,} val bytes)")
     click.echo(f"telemetry on val: K {m['val/K']:.3f}  C {m['val/C']:.3f}  S {m['val/S']:.3f}")
     sample = generate(model, "def ", 160, temperature=0.8, seed=0)
     click.echo(f"sample (parity corrections: {sample.n_parity_corrections}):\n{sample.text}")
-    click.echo(f"\nmodel: {out / 'run' / 'model'}   metrics: {out / 'run' / 'metrics.jsonl'}")
+    run_id = (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").exists() else "?"
+    click.echo(f"\nmodel: {run_dir / 'model'}   MLflow run: {run_id} (experiment bitlm-demo; `bitlm ui` to browse)")

@@ -217,7 +217,7 @@ def test_resuming_with_a_different_model_is_refused_and_keeps_the_run_config(cor
     run = tmp_path / "run"
     assert train(corpus_dir, run, 2).exit_code == 0
     before = (run / "config.json").read_text()
-    changed = CliRunner().invoke(main, ["train", "--data", str(corpus_dir), "--out", str(run), "--steps", "4",
+    changed = CliRunner().invoke(main, ["train", "--local", "--data", str(corpus_dir), "--out", str(run), "--steps", "4",
                                         *FAST, "--set", "model.n_layers=3"])
     assert changed.exit_code != 0
     assert "different model" in changed.output and "--no-resume" in changed.output
@@ -247,7 +247,7 @@ def test_train_set_overrides_take_precedence_over_steps(corpus_dir, tmp_path):
 def test_train_config_file_replaces_the_preset(corpus_dir, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     assert train(corpus_dir, first, 1, "--set", "model.d_ff=96").exit_code == 0
-    result = invoke("train", "--data", str(corpus_dir), "--out", str(second), "--config", str(first / "config.json"),
+    result = invoke("train", "--local", "--data", str(corpus_dir), "--out", str(second), "--config", str(first / "config.json"),
                     "--preset", "base", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert run_config(second) == run_config(first)
@@ -255,7 +255,7 @@ def test_train_config_file_replaces_the_preset(corpus_dir, tmp_path):
 
 def test_train_with_an_unknown_set_key_fails_naming_it(tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--data", str(tmp_path), "--out", str(run), "--preset", "tiny", "--set", "model.nope=1")
+    result = invoke("train", "--local", "--data", str(tmp_path), "--out", str(run), "--preset", "tiny", "--set", "model.nope=1")
     assert result.exit_code != 0
     assert "model.nope" in result.output
     assert not run.exists()
@@ -263,7 +263,7 @@ def test_train_with_an_unknown_set_key_fails_naming_it(tmp_path):
 
 def test_train_with_an_invalid_set_value_fails_naming_the_field(tmp_path):
     run = tmp_path / "run"
-    result = invoke("train", "--data", str(tmp_path), "--out", str(run), "--preset", "tiny",
+    result = invoke("train", "--local", "--data", str(tmp_path), "--out", str(run), "--preset", "tiny",
                     "--set", "model.dropout=2")
     assert result.exit_code != 0
     assert "model.dropout" in result.output
@@ -271,7 +271,7 @@ def test_train_with_an_invalid_set_value_fails_naming_the_field(tmp_path):
 
 
 def test_train_with_a_set_lacking_equals_explains_the_syntax(tmp_path):
-    result = invoke("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "model.n_layers")
+    result = invoke("train", "--local", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--set", "model.n_layers")
     assert result.exit_code != 0
     assert "key=value" in result.output
 
@@ -279,7 +279,7 @@ def test_train_with_a_set_lacking_equals_explains_the_syntax(tmp_path):
 def test_train_on_a_directory_without_a_corpus_fails_pointing_at_prepare(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = CliRunner().invoke(main, ["train", "--data", str(empty), "--out", str(tmp_path / "run"), *FAST])
+    result = CliRunner().invoke(main, ["train", "--local", "--data", str(empty), "--out", str(tmp_path / "run"), *FAST])
     assert result.exit_code != 0
     # Today this surfaces as an uncaught FileNotFoundError; a click error would also satisfy this.
     assert "bitlm prepare" in result.output + str(result.exception or "")

@@ -96,3 +96,11 @@ def test_every_expansion_is_a_checkpoint_and_resume_continues_with_the_grown_mod
     assert [e["kind"] for e in resumed.expansions] == [e["kind"] for e in straight.expansions]
     assert resumed.metrics["val/bpb"] == pytest.approx(straight.metrics["val/bpb"], abs=1e-4)
     assert ckpt.read_config(resumed.checkpoint) == resumed.model.config
+
+
+def test_resuming_a_checkpoint_of_an_unrelated_model_is_refused(corpus, tmp_path):
+    run(corpus, dataclasses.replace(ALWAYS, enabled=False), dataclasses.replace(TRAIN, max_steps=4),
+        checkpoint_dir=tmp_path)
+    other = dataclasses.replace(MODEL, d_model=32, n_heads=2)
+    with pytest.raises(ValueError, match="different model"):
+        fit(BitTransformerLM(other), corpus, TRAIN, checkpoint_dir=tmp_path)

@@ -186,3 +186,19 @@ def test_a_multi_node_run_survives_losing_a_node(corpus_dir, tmp_path):
     assert out["error"] is None, out["error"]
     assert any("removed_node" in e for e in out["events"]), "no worker's node was removed"
     assert out["step"] == 16 and math.isfinite(out["val_bpb"])
+
+
+def test_bitlm_train_runs_the_ray_driver_and_exports_the_model(ray_local, corpus_dir, tracking, tmp_path):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    out = tmp_path / "runs" / "cli-run"
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(corpus_dir), "--out", str(out), "--preset", "tiny", "--workers", "1",
+        "--steps", "6", "--set", "train.context_bytes=32", "--set", "train.batch_size=4",
+        "--set", "train.eval_every=6", "--set", "train.eval_batches=2", "--set", "run.experiment=tests"])
+    assert result.exit_code == 0, result.output
+    assert "val bpb" in result.output
+    assert ckpt.from_pretrained(out / "model").config.arch == "patched"
+    assert run_metrics(tracking, "cli-run").data.params["run.num_workers"] == "1"
