@@ -221,7 +221,9 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         return (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in drawn)
 
     batches = make_batches(context_bytes)
-    eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes)
+    # every rank scores the same eval_batches global batches: W workers evaluate what one worker with
+    # a W-times batch evaluates, so their curves are comparable
+    eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes, batch_size=cfg.batch_size * replicas)
     bytes_seen = trainer_bytes_seen = float(history[-1].get("bytes_seen", 0)) if history else 0.0
     emit = report or (lambda metrics, path: None)
     bar = _progress_bar(progress, cfg, step)
@@ -322,7 +324,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                     n_parameters = event["n_parameters"]
                     if event["kind"] == "context":
                         context_bytes *= 2
-                        eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes)
+                        eval_cfg = dataclasses.replace(eval_cfg, context_bytes=context_bytes)
                         batches = make_batches(context_bytes)
                     emit({"step": step, "event": "expand", "scaling/kind": event["kind"],
                           "scaling/expansions": len(expansions), "scaling/logit_change": event["logit_change"],

@@ -201,7 +201,8 @@ def _plain_groups(optim_state: dict[str, Any]) -> dict[str, Any]:
 
 def make_strategy(name: str, *, rank: int = 0, world_size: int = 1, **options) -> Strategy:
     """The Strategy called `name` (single, ddp, fsdp or pipeline) for this rank."""
-    if name == "single":
+    if name == "single" or (name in ("ddp", "fsdp") and world_size == 1):
+        # one data-parallel rank has nothing to average or shard: DDP's gradient buckets would be pure cost
         return Strategy(rank=rank, world_size=world_size)
     if name in ("ddp", "fsdp") and not dist.is_initialized() and world_size > 1:
         raise RuntimeError(f"strategy {name!r} with world_size={world_size} needs an initialised process group")

@@ -187,9 +187,10 @@ def _record_placement(run_dir: Path, rank: int, device: str) -> None:
     import socket
 
     import ray
+    import torch
 
     record = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-              "pid": os.getpid(), "device": device}
+              "pid": os.getpid(), "device": device, "torch_threads": torch.get_num_threads()}
     directory = run_dir / "workers"
     directory.mkdir(parents=True, exist_ok=True)
     (directory / f"rank-{rank}.json").write_text(json.dumps(record) + "\n")

@@ -60,11 +60,16 @@ def single_process_reference(corpus_dir, batch_size: int):
 
 
 @pytest.fixture(scope="module")
-def reference(corpus_dir) -> float:
-    """Final val bpb of the reference, scored on the per-worker eval batches the Ray runs use."""
+def reference(corpus_dir) -> list[float]:
+    """The reference's val bpb curve (every evaluation)."""
     result = single_process_reference(corpus_dir, 2 * TRAIN.batch_size)
     assert result.history[0]["val/bpb"] > result.metrics["val/bpb"]  # it learned
-    return evaluate(result.model, Corpus.open(corpus_dir), TRAIN)["val/bpb"]
+    return [h["val/bpb"] for h in result.history]
+
+
+def val_curve(client: MlflowClient, name: str) -> list[float]:
+    history = client.get_metric_history(run_metrics(client, name).info.run_id, "val/bpb")
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +85,10 @@ def run_metrics(client: MlflowClient, name: str) -> dict:
     return runs[0]
 
 
-def test_ddp_two_workers_reproduce_one_worker_on_the_same_global_batch(ddp_run, reference):
+def test_ddp_two_workers_reproduce_one_worker_on_the_same_global_batch(ddp_run, reference, tracking):
     result, _ = ddp_run
     assert result.metrics["step"] == TRAIN.max_steps
-    assert result.metrics["val/bpb"] == pytest.approx(reference, abs=CURVE_TOLERANCE)
+    assert val_curve(tracking, "ddp") == pytest.approx(reference, abs=CURVE_TOLERANCE)
 
 
 def test_the_mlflow_run_holds_params_metrics_and_a_loadable_model(ddp_run, tracking):
@@ -107,12 +112,13 @@ def test_the_mlflow_run_holds_params_metrics_and_a_loadable_model(ddp_run, track
 def test_fsdp_matches_one_worker_and_its_checkpoint_loads_into_one_process(ray_local, corpus_dir, tracking,
                                                                             reference, tmp_path):
     result = train_driver(config(corpus_dir, tmp_path, "fsdp", strategy="fsdp"))
-    assert result.metrics["val/bpb"] == pytest.approx(reference, abs=CURVE_TOLERANCE)
+    assert val_curve(tracking, "fsdp") == pytest.approx(reference, abs=CURVE_TOLERANCE)
     with result.checkpoint.as_directory() as directory:
         model = ckpt.from_pretrained(directory)
     corpus = Corpus.open(corpus_dir)
     # the single-process model scores the validation set exactly as the sharded one did
-    assert evaluate(model, corpus, TRAIN)["val/bpb"] == pytest.approx(result.metrics["val/bpb"], abs=1e-5)
+    global_batch = dataclasses.replace(TRAIN, batch_size=2 * TRAIN.batch_size)
+    assert evaluate(model, corpus, global_batch)["val/bpb"] == pytest.approx(result.metrics["val/bpb"], abs=1e-5)
 
 
 def test_pipeline_strategy_trains_on_two_stages(ray_local, corpus_dir, tracking, tmp_path):
@@ -202,3 +208,16 @@ def test_bitlm_train_runs_the_ray_driver_and_exports_the_model(ray_local, corpus
     assert "val bpb" in result.output
     assert ckpt.from_pretrained(out / "model").config.arch == "patched"
     assert run_metrics(tracking, "cli-run").data.params["run.num_workers"] == "1"
+
+
+def test_a_new_driver_with_the_same_name_and_storage_continues_the_run(ray_local, corpus_dir, tracking, tmp_path):
+    first = config(corpus_dir, tmp_path, "driver-restart", strategy="ddp")
+    first = dataclasses.replace(first, train=dataclasses.replace(TRAIN, max_steps=8))
+    assert train_driver(first).metrics["step"] == 8
+    # the driver is gone; a new one with a longer budget picks up the checkpoint of step 8
+    second = dataclasses.replace(first, train=TRAIN)
+    result = train_driver(second)
+    assert result.metrics["step"] == TRAIN.max_steps
+    run = run_metrics(tracking, "driver-restart")  # still one MLflow run
+    steps = [m.step for m in tracking.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(TRAIN.log_every, TRAIN.max_steps + 1, TRAIN.log_every))
