@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--runs", default="single,ray1,ddp2,fsdp2")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the runs in alternation")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the in-process run "
                         "(Ray gives each worker as many as its CPUs; the records show both)")
     parser.add_argument("--out", type=Path, default=None)
@@ -95,29 +97,34 @@ def main() -> None:
                             log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, precision="fp32")
         base = {"bench": "ray_train", "preset": args.preset, "kind": args.kind, "batch_size": args.batch_size,
                 "context_bytes": args.context_bytes, "steps": args.steps}
-        rates = {}
+        rates: dict[str, list[float]] = {}
         runs = args.runs.split(",")
-        if "single" in runs:
-            rates["single"] = in_process(tmp / "data", model_cfg, train, args.threads)
-            emit(base | {"run": "single", "workers": 1, "bytes_per_s": rates["single"],
-                         "worker_threads": args.threads}, args.out)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         plans = {"ray1": dict(num_workers=1, cpus_per_worker=float(args.threads), strategy="ddp"),
                  "ddp2": dict(num_workers=2, cpus_per_worker=1.0, strategy="ddp"),
                  "fsdp2": dict(num_workers=2, cpus_per_worker=1.0, strategy="fsdp")}
-        for name in [r for r in runs if r in plans]:
-            rate, total, threads = through_ray(tmp / "data", model_cfg, train, tmp / "ray", uri, name, **plans[name])
-            rates[name] = rate
-            record = base | {"run": name, "workers": plans[name]["num_workers"], "strategy": plans[name]["strategy"],
-                             "bytes_per_s": rate, "fit_seconds_total": total, "worker_threads": threads}
-            if "single" in rates:
-                record["ratio_to_single"] = rate / rates["single"]
-            emit(record, args.out)
+        # rounds alternate the runs, so a slow spell of the shared machine hits all of them alike
+        for round_ in range(args.rounds):
+            for name in runs:
+                if name == "single":
+                    rate, extra = in_process(tmp / "data", model_cfg, train, args.threads), {
+                        "workers": 1, "worker_threads": args.threads}
+                else:
+                    rate, total, threads = through_ray(tmp / "data", model_cfg, train, tmp / "ray", uri,
+                                                       f"{name}-{round_}", **plans[name])
+                    extra = {"workers": plans[name]["num_workers"], "strategy": plans[name]["strategy"],
+                             "fit_seconds_total": total, "worker_threads": threads}
+                rates.setdefault(name, []).append(rate)
+                record = base | extra | {"run": name, "round": round_, "bytes_per_s": rate}
+                if "single" in rates and name != "single":
+                    record["ratio_to_single"] = rate / rates["single"][-1]
+                emit(record, args.out)
         ray.shutdown()
-    summary = {k: round(v) for k, v in rates.items()}
-    print("bytes/s:", summary, "| Ray 1-worker / no Ray:",
-          f"{rates['ray1'] / rates['single']:.3f}" if {"ray1", "single"} <= rates.keys() else "n/a")
-
+    for name, values in rates.items():
+        ratios = [v / s for v, s in zip(values, rates.get("single", []))]
+        print(f"{name}: bytes/s {[round(v) for v in values]}"
+              + (f", ratio to single per round {[round(r, 3) for r in ratios]}, median "
+                 f"{statistics.median(ratios):.3f}" if ratios and name != "single" else ""))
 
 if __name__ == "__main__":
     main()

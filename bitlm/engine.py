@@ -20,6 +20,7 @@ from .diffusion import diffusion_loss, evaluate_elbo
 from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb, model_inputs,
                         stream_loss, telemetry_penalty)
 from .parallel import Strategy
+from .scaling import PlateauDetector, expanded_lr_scale, grow, grown_from
 from .telemetry import detect_metric_drift
 
 Report = Callable[[dict[str, Any], Optional[Path]], None]
@@ -153,7 +154,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         context_bytes = trainer.get("context_bytes", context_bytes)
         saved_config = ckpt.read_config(latest)
         if saved_config != model.config:
-            if not _grown_from(model.config, saved_config):
+            if not grown_from(model.config, saved_config):
                 raise ValueError(f"{latest}: the checkpoint holds a different model ({saved_config}) than the one "
                                  f"requested ({model.config}); start a new run (another name or directory)")
             model = type(model)(saved_config)  # the run grew before it stopped: continue with the grown shape
@@ -163,8 +164,6 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
     strategy.check(base, cfg, diffusion)
     if scaling.enabled:
-        from .scaling import PlateauDetector
-
         if strategy.name == "pipeline":
             raise ValueError("scaling.enabled: progressive scaling is not available with the pipeline strategy")
         detector = PlateauDetector(scaling.window, scaling.improve_thresh)
@@ -253,8 +252,6 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         t0 = time.perf_counter()
         lr = cfg.lr * lr_factor(cfg, step, train_seconds)
         if expansions:
-            from .scaling import expanded_lr_scale
-
             lr *= expanded_lr_scale(scaling, len(expansions), step - expansions[-1]["step"])
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -312,7 +309,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             metrics |= _drift(history, cfg)
             emit(metrics, None)
             if scaling.enabled and not final and detector.update(_val_loss(metrics)):
-                grown = _try_expand(base, strategy, scaling, expansions, context_bytes, corpus, step, eval_cfg)
+                grown = grow(base, strategy, scaling, expansions, context_bytes, corpus, step, cfg.seed)
                 if grown is not None:
                     base, event = grown
                     detector.reset()
@@ -346,46 +343,8 @@ def _check_context(model, context_bytes: int) -> None:
                          f"{model.config.max_input_ids} (model.max_seq_len={model.config.max_seq_len})")
 
 
-def _grown_from(requested, saved) -> bool:
-    """Whether `saved` is `requested` after progressive-scaling expansions (deeper, wider, longer only)."""
-    grown = ("n_layers", "d_ff", "max_seq_len")
-    same = dataclasses.replace(saved, **{k: getattr(requested, k) for k in grown}) == requested
-    return same and all(getattr(saved, k) >= getattr(requested, k) for k in grown)
-
-
 def _val_loss(metrics: dict[str, float]) -> float:
     return metrics["val/bpb"] if "val/bpb" in metrics else metrics["val/elbo_bpb"]
-
-
-def _try_expand(base, strategy: Strategy, scaling: ScalingConfig, expansions: list, context_bytes: int, corpus,
-                step: int, eval_cfg: TrainConfig):
-    """Grow the model one step of the cycle if the bounds allow; returns (new model, event) or None.
-
-    Every rank builds the same grown model: the full weights are gathered, and new weights come
-    from a generator seeded by the run's seed and the expansion count.
-    """
-    from .scaling import can_expand, expand_model, next_expansion
-
-    if len(expansions) >= scaling.max_expansions:
-        return None
-    kind = next_expansion(scaling, len(expansions))
-    ok, _ = can_expand(base.config, kind, scaling, context_bytes)
-    if not ok or (kind == "context" and 2 * context_bytes > corpus.train.window_bytes):
-        return None
-    plain = strategy.unwrapped(base)
-    generator = torch.Generator().manual_seed(eval_cfg.seed * 7919 + len(expansions) + 1)
-    grown = expand_model(plain, kind, add_layers=scaling.add_layers, generator=generator)
-    # function preservation, measured on a validation batch: the logits before and after growth
-    probe = next(iter(corpus.val.sequential_batches(2, context_bytes, max_batches=1)))
-    with torch.no_grad():
-        was = plain.training, grown.training
-        plain.eval(), grown.eval()
-        ids = model_inputs(plain, probe.to(next(plain.parameters()).device))
-        change = float((plain(ids)[0].float() - grown(ids)[0].float()).abs().max())
-        plain.train(was[0]), grown.train(was[1])
-    event = {"kind": kind, "step": step, "logit_change": change, "n_parameters": grown.num_parameters(),
-             "n_layers": grown.config.n_layers, "d_ff": grown.config.d_ff, "max_seq_len": grown.config.max_seq_len}
-    return grown, event
 
 
 def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None

@@ -26,6 +26,7 @@ from torch import nn
 from .blocks import Block
 from .config import ModelConfig, ScalingConfig
 from .model import BitTransformerLM
+from .objective import model_inputs
 
 INIT_STD = 0.02  # the std of bitlm.model's weight init, used for the new weights too
 STRATEGIES = ("depth", "width", "context")
@@ -184,3 +185,39 @@ def expanded_lr_scale(cfg: ScalingConfig, n_expansions: int, steps_since_expansi
         return 1.0
     warm = 1.0 if cfg.rewarm_steps == 0 else min(1.0, (steps_since_expansion + 1) / cfg.rewarm_steps)
     return cfg.lr_decay ** -n_expansions * warm
+
+
+def grown_from(requested, saved) -> bool:
+    """Whether `saved` is `requested` after progressive-scaling expansions (deeper, wider, longer only)."""
+    grown = ("n_layers", "d_ff", "max_seq_len")
+    same = dataclasses.replace(saved, **{k: getattr(requested, k) for k in grown}) == requested
+    return same and all(getattr(saved, k) >= getattr(requested, k) for k in grown)
+
+
+def grow(base, strategy, scaling: ScalingConfig, expansions: list, context_bytes: int, corpus, step: int,
+         seed: int):
+    """Grow the model one step of the cycle if the bounds allow; returns (new model, event) or None.
+
+    Every rank builds the same grown model: the full weights are gathered, and new weights come
+    from a generator seeded by the run's seed and the expansion count.
+    """
+    if len(expansions) >= scaling.max_expansions:
+        return None
+    kind = next_expansion(scaling, len(expansions))
+    ok, _ = can_expand(base.config, kind, scaling, context_bytes)
+    if not ok or (kind == "context" and 2 * context_bytes > corpus.train.window_bytes):
+        return None
+    plain = strategy.unwrapped(base)
+    generator = torch.Generator().manual_seed(seed * 7919 + len(expansions) + 1)
+    grown = expand_model(plain, kind, add_layers=scaling.add_layers, generator=generator)
+    # function preservation, measured on a validation batch: the logits before and after growth
+    probe = next(iter(corpus.val.sequential_batches(2, context_bytes, max_batches=1)))
+    with torch.no_grad():
+        was = plain.training, grown.training
+        plain.eval(), grown.eval()
+        ids = model_inputs(plain, probe.to(next(plain.parameters()).device))
+        change = float((plain(ids)[0].float() - grown(ids)[0].float()).abs().max())
+        plain.train(was[0]), grown.train(was[1])
+    event = {"kind": kind, "step": step, "logit_change": change, "n_parameters": grown.num_parameters(),
+             "n_layers": grown.config.n_layers, "d_ff": grown.config.d_ff, "max_seq_len": grown.config.max_seq_len}
+    return grown, event

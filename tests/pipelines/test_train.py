@@ -144,7 +144,7 @@ def test_an_injected_worker_failure_resumes_from_the_last_checkpoint(ray_local, 
 
 def test_progressive_scaling_expands_twice_with_unchanged_logits_and_logs_events(ray_local, corpus_dir, tracking,
                                                                               tmp_path):
-    cfg = config(corpus_dir, tmp_path, "scaling", strategy="ddp")
+    cfg = config(corpus_dir, tmp_path, "scaling", strategy="fsdp")  # growth re-shards the model
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(TRAIN, max_steps=28, eval_every=4),
                               scaling=ScalingConfig(enabled=True, window=1, improve_thresh=10.0, rewarm_steps=4))
     result = train_driver(cfg)
