@@ -7,6 +7,7 @@ import click
 from .generate import generate_command
 from .prepare import prepare_command
 from .score import eval_command
+from .serve import serve_command
 from .train import demo_command, train_command
 from .ui import ui_command
 
@@ -22,6 +23,7 @@ def main() -> None:
       bitlm train --local --data data/shakespeare --out runs/s1 --preset small --minutes 10
       bitlm eval runs/s1/model some_text.txt
       bitlm generate runs/s1/model --prompt "ROMEO:" --max-new-bytes 200
+      bitlm serve --model runs/s1/model --port 8000
     """
 
 
@@ -31,3 +33,4 @@ main.add_command(eval_command)
 main.add_command(generate_command)
 main.add_command(demo_command)
 main.add_command(ui_command)
+main.add_command(serve_command)

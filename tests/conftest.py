@@ -1,4 +1,4 @@
-"""One local Ray for every pipeline test: started once per session with 2 CPUs, shut down at the end."""
+"""One local Ray for every Ray test (pipelines, serve): started once per session with 2 CPUs, shut down at the end."""
 
 from __future__ import annotations
 

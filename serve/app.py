@@ -1,0 +1,276 @@
+"""The Ray Serve application: a FastAPI ingress over one bitlm model, safety-gated and batched.
+
+No `from __future__ import annotations` here: Serve rebuilds the route signatures in the replica,
+where string annotations of the request models would not resolve.
+
+    serve run serve.app:build_app model=runs/demo/model        # or: bitlm serve --model runs/demo/model
+"""
+
+
+import asyncio
+import hmac
+import json
+import math
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from ray.serve import Application
+
+from .audit import AuditLog
+from .gating import Job, run_gated
+from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
+                      Telemetry, Timings)
+from .sources import resolve_source
+
+STATIC_INDEX = Path(__file__).resolve().parent / "static" / "index.html"
+
+api = FastAPI(title="bitlm", version="1", description="Safety-gated generation and scoring with a bit-native LM.")
+_bearer = HTTPBearer(auto_error=False, description="Needed on /v1 when the server has BITLM_API_TOKEN set.")
+
+
+class ApiError(Exception):
+    """A client error with a message that names the field (and the limit, when one is broken)."""
+
+    def __init__(self, status: int, detail: str, **extra: Any):
+        self.status, self.detail, self.extra = status, detail, extra
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
+    return ".".join(parts) or "body"
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"field": _field(tuple(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    for e in errors:
+        if e["type"] == "json_invalid":
+            e["field"], e["msg"] = "body", f"malformed JSON: {e['msg']}"
+    detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors) or "body: invalid request"
+    return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(status_code=exc.status, content={"detail": exc.detail, **exc.extra}, headers=headers)
+
+
+class BodyGuard:
+    """ASGI middleware: 413 for a body over the limit, 422 for a body that is not UTF-8 (naming the field)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
+        limit = limit or AppArgs.model_fields["max_body_bytes"].default
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            return await _reply(send, 413, _too_large(int(declared), limit))
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await _reply(send, 413, _too_large(size, limit))
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return await _reply(send, 422, {"detail": f"{_non_utf8_fields(body)}: invalid UTF-8 in the request body "
+                                                      f"(byte {err.start})"})
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _too_large(size: int, limit: int) -> dict:
+    return {"detail": f"body: {size} bytes exceeds the limit of {limit} bytes (max_body_bytes)"}
+
+
+def _non_utf8_fields(body: bytes) -> str:
+    """The top-level JSON fields whose strings hold the invalid bytes, or "body" when that cannot be told."""
+    try:
+        data = json.loads(body.decode("utf-8", errors="surrogateescape"))
+    except ValueError:
+        return "body"
+    if not isinstance(data, dict):
+        return "body"
+    bad = [k for k, v in data.items() if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v)]
+    return ", ".join(bad) or "body"
+
+
+async def _reply(send, status: int, content: dict) -> None:
+    payload = json.dumps(content).encode("utf-8")
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+api.add_middleware(BodyGuard)
+
+
+def _authorize(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+    token = getattr(request.app.state, "api_token", None)
+    if not token:
+        return
+    given = credentials.credentials if credentials is not None else ""
+    if credentials is None or not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
+        raise ApiError(401, "authorization: a valid 'Authorization: Bearer <token>' header is required")
+
+
+@serve.deployment
+@serve.ingress(api)
+class BitLMServer:
+    """One replica: the model, its audit log and the batch queue of generation requests."""
+
+    def __init__(self, settings: dict[str, Any]):
+        import torch
+
+        from bitlm.checkpoint import from_pretrained
+        from bitlm.config import to_dict
+
+        self.args = AppArgs.model_validate(settings["args"])
+        torch.set_num_threads(max(1, math.floor(self.args.num_cpus)))
+        self.model = from_pretrained(settings["model_dir"])  # safetensors only (resolve_source checked it)
+        self.model.eval()
+        self.name = self.args.name or self.args.model
+        self.audit = AuditLog(settings["audit_log"])
+        self._model_lock = threading.Lock()  # the batch thread and /v1/score share one model
+        api.state.api_token = settings.get("api_token")
+        api.state.max_body_bytes = self.args.max_body_bytes
+        self._generate_batch.set_max_batch_size(self.args.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        cfg = self.model.config
+        self.info = ModelInfo(config=json.loads(json.dumps(to_dict(cfg))), n_parameters=self.model.num_parameters(),
+                              source=self.args.model, telemetry_reference=self.model.reference_marginals.tolist())
+
+    @api.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health(status="ok")
+
+    @api.get("/", include_in_schema=False)
+    async def index(self):
+        if not STATIC_INDEX.is_file():
+            raise ApiError(404, f"playground page not installed: {STATIC_INDEX.name} is missing from serve/static/")
+        return FileResponse(STATIC_INDEX, media_type="text/html")
+
+    @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(_authorize)])
+    async def model_info(self) -> ModelInfo:
+        return self.info
+
+    @api.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(_authorize)])
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        from bitlm.evaluation import evaluate_text
+
+        data = body.text.encode("utf-8")
+        if len(data) > self.args.max_score_bytes:
+            raise ApiError(422, f"text: {len(data)} bytes exceeds the limit of {self.args.max_score_bytes} bytes")
+        result = await asyncio.to_thread(self._locked, evaluate_text, self.model, data)
+        exact = "bpb" in result
+        return ScoreResponse(bpb=result["bpb"] if exact else result["elbo_bpb"], bound="exact" if exact else "elbo",
+                             n_bytes=result["n_bytes"], telemetry=Telemetry(K=result["K"], C=result["C"], S=result["S"]))
+
+    @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_authorize)],
+              responses={422: {"description": "Invalid input, a broken limit, or (strict) a blocked output with its verdict"}})
+    async def generate(self, body: GenerateRequest):
+        arrived = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        job = self._job(body)
+        outcome, started, finished = await self._generate_batch((job, arrived))
+        verdict = outcome.verdict
+        self.audit.record(request_id, verdict.to_dict(), model=self.name, mode=job.mode, strict=body.strict,
+                          prompt_bytes=len(job.prompt))
+        gate = {k: v for k, v in verdict.to_dict().items() if k != "text"}  # a blocked text must not leave
+        if not verdict.passed and body.strict:
+            raise ApiError(422, f"safety gate blocked the output after {len(verdict.attempts)} attempt(s): "
+                                f"{'; '.join(verdict.reasons)}", gate=gate, request_id=request_id)
+        now = time.perf_counter()
+        return GenerateResponse(
+            text=verdict.text if verdict.passed else None,
+            n_bits=len(outcome.new_bytes) * self.model.config.bits_per_byte,
+            telemetry=Telemetry(K=verdict.raw_K, C=verdict.raw_C, S=verdict.raw_S), gate=gate,
+            timings=Timings(queue_ms=(started - arrived) * 1e3, generate_ms=(finished - started) * 1e3,
+                            total_ms=(now - arrived) * 1e3),
+            model=self.name, request_id=request_id)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both reset from the args in __init__
+    async def _generate_batch(self, items: list[tuple[Job, float]]) -> list[tuple[Any, float, float]]:
+        started = time.perf_counter()
+        outcomes = await asyncio.to_thread(self._locked, run_gated, self.model, [job for job, _ in items])
+        finished = time.perf_counter()
+        return [(outcome, started, finished) for outcome in outcomes]
+
+    def _locked(self, fn, *args):
+        with self._model_lock:
+            return fn(*args)
+
+    def _job(self, body: GenerateRequest) -> Job:
+        """Check the request against the server's limits and the model; errors name the field."""
+        cfg, a = self.model.config, self.args
+        prompt = body.prompt.encode("utf-8")
+        if len(prompt) > a.max_prompt_bytes:
+            raise ApiError(422, f"prompt: {len(prompt)} bytes exceeds the limit of {a.max_prompt_bytes} bytes")
+        # an unset max_new_bytes (default 64) shrinks to a lower server limit instead of failing
+        n_new = body.max_new_bytes
+        if "max_new_bytes" not in body.model_fields_set:
+            n_new = min(n_new, a.max_new_bytes)
+        if n_new > a.max_new_bytes:
+            raise ApiError(422, f"max_new_bytes: {n_new} exceeds the limit of {a.max_new_bytes}")
+        if body.mode == "causal" and not cfg.causal:
+            raise ApiError(422, "mode: this model is non-causal (diffusion); use mode 'diffusion'")
+        if body.mode == "diffusion":
+            if cfg.causal:
+                raise ApiError(422, "mode: diffusion needs a non-causal model; this one is causal")
+            room = cfg.max_input_ids // cfg.bits_per_byte
+            if len(prompt) + n_new > room:
+                raise ApiError(422, f"max_new_bytes: prompt ({len(prompt)} bytes) + max_new_bytes "
+                                    f"({n_new}) exceeds the diffusion context of {room} bytes")
+        return Job(prompt=prompt, max_new_bytes=n_new, mode=body.mode, temperature=body.temperature,
+                   top_k=body.top_k, top_p=None if body.top_p >= 1.0 else body.top_p,
+                   diffusion_steps=body.diffusion_steps, schedule=body.schedule,
+                   seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
+                   c_floor=a.c_floor if body.c_floor is None else body.c_floor,
+                   s_floor=a.s_floor if body.s_floor is None else body.s_floor, max_retries=body.max_retries)
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> Application:
+    """The Serve application for `args.model` (validated, resolved and checked here, in the caller's process)."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    model_dir = resolve_source(a.model, a.allowed_roots or None)
+    settings = {"args": a.model_dump(), "model_dir": str(model_dir), "api_token": a.token(),
+                "audit_log": str(Path(a.audit_log).expanduser().resolve())}
+    settings["args"]["api_token"] = None  # passed once, in settings
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": a.num_cpus},
+                               "max_ongoing_requests": a.max_ongoing_requests}
+    if a.autoscaling:
+        options["autoscaling_config"] = a.autoscaling
+    else:
+        options["num_replicas"] = a.num_replicas
+    return BitLMServer.options(**options).bind(settings)

@@ -1,0 +1,84 @@
+"""One Serve instance per module on a free 127.0.0.1 port, in the session Ray, with a tiny causal and a tiny diffusion model."""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+import pytest
+import torch
+
+from bitlm.checkpoint import save_pretrained
+from bitlm.config import ModelConfig
+from bitlm.model import BitTransformerLM
+
+TOKEN = "test-token-7f3a"
+# Skewed reference marginals: the untrained models' near-uniform bits then score S well below 1,
+# so floors of 1.0 block every sample.
+REFERENCE = [0.2] * 8 + [0.5]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(causal: bool) -> BitTransformerLM:
+    torch.manual_seed(0)
+    model = BitTransformerLM(ModelConfig.from_name("tiny", causal=causal))
+    model.set_reference_marginals(REFERENCE)
+    return model
+
+
+@dataclass
+class Server:
+    url: str  # the causal app
+    diffusion_url: str  # the diffusion app (route prefix /diffusion)
+    audit_log: Path
+    causal_dir: Path
+    diffusion_dir: Path
+    limits: dict
+
+    def client(self, token: str | None = TOKEN) -> requests.Session:
+        session = requests.Session()
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        return session
+
+
+LIMITS = {"max_prompt_bytes": 64, "max_new_bytes": 32, "max_score_bytes": 2048, "max_body_bytes": 4096,
+          "max_batch_size": 8, "batch_wait_timeout_s": 0.2}
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from serve.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    causal_dir = save_pretrained(tiny_model(True), root / "causal")
+    diffusion_dir = save_pretrained(tiny_model(False), root / "diffusion")
+    audit = root / "audit.jsonl"
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    common = {"allowed_roots": [str(root)], "api_token": TOKEN, "audit_log": str(audit), "num_cpus": 0.5, **LIMITS}
+    serve.run(build_app({"model": str(causal_dir), **common}), name="causal", route_prefix="/", blocking=False)
+    serve.run(build_app({"model": str(diffusion_dir), **common}), name="diffusion", route_prefix="/diffusion",
+              blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # both apps answer once their replicas are up
+        try:
+            if all(requests.get(f"{u}/healthz", timeout=5).status_code == 200 for u in (url, f"{url}/diffusion")):
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    yield Server(url=url, diffusion_url=f"{url}/diffusion", audit_log=audit, causal_dir=causal_dir,
+                 diffusion_dir=diffusion_dir, limits=LIMITS)
+    serve.shutdown()
