@@ -45,8 +45,9 @@ class ApiError(Exception):
 
 
 def _field(loc: tuple) -> str:
-    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header") else [str(p) for p in loc]
-    return ".".join(parts) or "body"
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    return ".".join(str(p) for p in loc) or "body"
 
 
 @api.exception_handler(RequestValidationError)
@@ -118,7 +119,7 @@ def _non_utf8_fields(body: bytes) -> str:
     """The top-level JSON fields whose strings hold the invalid bytes, or "body" when that cannot be told."""
     try:
         data = json.loads(body.decode("utf-8", errors="surrogateescape"))
-    except ValueError:
+    except (ValueError, RecursionError):
         return "body"
     if not isinstance(data, dict):
         return "body"
@@ -195,10 +196,11 @@ class BitLMServer:
         result = await asyncio.to_thread(self._locked, evaluate_text, self.model, data)
         exact = "bpb" in result
         return ScoreResponse(bpb=result["bpb"] if exact else result["elbo_bpb"], bound="exact" if exact else "elbo",
-                             n_bytes=result["n_bytes"], telemetry=Telemetry(K=result["K"], C=result["C"], S=result["S"]))
+                             n_bytes=result["n_bytes"],
+                             telemetry=Telemetry(K=result["K"], C=result["C"], S=result["S"]))
 
     @api.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(_authorize)],
-              responses={422: {"description": "Invalid input, a broken limit, or (strict) a blocked output with its verdict"}})
+              responses={422: {"description": "Invalid input, a broken limit, or a blocked output in strict mode"}})
     async def generate(self, body: GenerateRequest):
         arrived = time.perf_counter()
         request_id = uuid.uuid4().hex

@@ -1,4 +1,4 @@
-"""Gated sampling of a batch of requests: causal requests with equal settings decode as one batch, each row with its own seed.
+"""Gated sampling of a batch of requests: causal ones with equal settings decode together, each row with its own seed.
 
 bitlm.sampling.generate draws a whole batch from one generator, so rows of a batch could not
 reproduce a single request's sample; here every row has its own torch.Generator, and a request
@@ -141,7 +141,8 @@ def run_gated(model, jobs: list[Job], *, window_bytes: int = 512) -> list[Outcom
         still = []
         for i, gen in zip(pending, gens):
             job = jobs[i]
-            metrics = measure(model, bytes_to_bits(job.prompt + gen.new_bytes, parity=parity), window_bytes=window_bytes)
+            bits = bytes_to_bits(job.prompt + gen.new_bytes, parity=parity)
+            metrics = measure(model, bits, window_bytes=window_bytes)
             gate = SafetyGate(SafetyConfig(c_floor=job.c_floor, s_floor=job.s_floor, window_bytes=window_bytes))
             verdict = gate.observe(metrics["K"], metrics["C"], metrics["S"], stream="http")
             attempts[i].append({"attempt": k, "mode": job.mode, "seed": job.seed + k, "passed": verdict.passed,

@@ -34,7 +34,7 @@ class GenerateRequest(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus mass; causal mode only.")
     diffusion_steps: int = Field(16, ge=1, le=64)
     schedule: Schedule = "cosine"
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Attempt k uses seed + k; null: the server draws one.")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Attempt k uses seed + k; null: the server picks.")
     c_floor: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False, description="null: the server's default.")
     s_floor: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False, description="null: the server's default.")
     strict: bool = Field(False, description="A blocked output is HTTP 422 instead of 200 with text null.")
@@ -118,7 +118,7 @@ class AppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
-    autoscaling: Optional[dict[str, Any]] = Field(None, description="Ray Serve autoscaling_config; replaces num_replicas.")
+    autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config; replaces num_replicas.")
     max_ongoing_requests: int = Field(64, ge=1)
     name: Optional[str] = Field(None, description="Model name in responses (default: the source).")
 

@@ -99,6 +99,12 @@ def _download(uri: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="model-", dir=root))
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
     except Exception as err:  # MlflowException, or a store error: one clear message either way
         raise SourceError(f"model source {uri!r}: MLflow download failed: {err}") from None
+    # a pyfunc logged by pipelines.tracking keeps the save_pretrained directory among its artifacts
+    found = sorted({p.parent for p in local.rglob(CONFIG) if (p.parent / WEIGHTS).is_file()})
+    if len(found) != 1:
+        raise SourceError(f"model source {uri!r}: expected one bitlm model directory ({CONFIG} + {WEIGHTS}) "
+                          f"in the download, found {len(found)}")
+    return found[0]

@@ -43,7 +43,8 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
         app = build_app(args)
     except (SourceError, ValueError) as err:
         raise click.BadParameter(str(err), param_hint="--model") from None
-    ray.init(address=address, include_dashboard=False if address is None else None,
+    # without --address always a new local instance, never another cluster this machine happens to run
+    ray.init(address=address or "local", include_dashboard=False if address is None else None,
              log_to_driver=address is None)
     ray_serve.start(http_options={"host": host, "port": port})
     ray_serve.run(app, name="bitlm", route_prefix="/", blocking=False)

@@ -1,4 +1,4 @@
-"""One Serve instance per module on a free 127.0.0.1 port, in the session Ray, with a tiny causal and a tiny diffusion model."""
+"""Serve on a free 127.0.0.1 port in the session Ray, once per module: a tiny causal and a tiny diffusion model."""
 
 from __future__ import annotations
 
@@ -55,14 +55,20 @@ LIMITS = {"max_prompt_bytes": 64, "max_new_bytes": 32, "max_score_bytes": 2048, 
 
 
 @pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(causal, diffusion) save_pretrained directories of untrained tiny models."""
+    root = tmp_path_factory.mktemp("serve")
+    return save_pretrained(tiny_model(True), root / "causal"), save_pretrained(tiny_model(False), root / "diffusion")
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, model_dirs):
     from ray import serve
 
     from serve.app import build_app
 
-    root = tmp_path_factory.mktemp("serve")
-    causal_dir = save_pretrained(tiny_model(True), root / "causal")
-    diffusion_dir = save_pretrained(tiny_model(False), root / "diffusion")
+    causal_dir, diffusion_dir = model_dirs
+    root = causal_dir.parent
     audit = root / "audit.jsonl"
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

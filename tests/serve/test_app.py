@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import requests
@@ -22,12 +23,12 @@ def _audit_lines(server) -> list[dict]:
     return [json.loads(line) for line in server.audit_log.read_text().splitlines()] if server.audit_log.exists() else []
 
 
-def _post(server, path: str, body, *, url: str | None = None, token: str | None = "default", **kwargs) -> requests.Response:
-    with server.client() if token == "default" else server.client(token=token) as client:
+def _post(server, path: str, body, *, url: str | None = None) -> requests.Response:
+    with server.client() as client:
         if isinstance(body, (bytes, str)):
             return client.post(f"{url or server.url}{path}", data=body, timeout=120,
-                               headers={"Content-Type": "application/json"}, **kwargs)
-        return client.post(f"{url or server.url}{path}", json=body, timeout=120, **kwargs)
+                               headers={"Content-Type": "application/json"})
+        return client.post(f"{url or server.url}{path}", json=body, timeout=120)
 
 
 # --- endpoints -------------------------------------------------------------------------------------------
@@ -245,36 +246,54 @@ def test_bad_score_input_is_422_naming_the_field(server):
 # --- model sources ---------------------------------------------------------------------------------------
 
 
-def test_source_resolves_a_run_directory_to_its_newest_checkpoint(server, tmp_path):
+def test_source_resolves_a_run_directory_to_its_newest_checkpoint(model_dirs, tmp_path):
     import shutil
 
     for step in (10, 200):
-        shutil.copytree(server.causal_dir, tmp_path / "run" / "checkpoints" / f"step-{step:08d}")
+        shutil.copytree(model_dirs[0], tmp_path / "run" / "checkpoints" / f"step-{step:08d}")
     assert resolve_source(str(tmp_path / "run"), [tmp_path]) == (tmp_path / "run/checkpoints/step-00000200").resolve()
 
 
-def test_source_refuses_dot_dot_traversal_out_of_the_roots(server, tmp_path):
+def test_source_refuses_dot_dot_traversal_out_of_the_roots(model_dirs, tmp_path):
     inside = tmp_path / "root"
     inside.mkdir()
     with pytest.raises(SourceError, match="outside the allowed roots"):
-        resolve_source(str(inside / ".." / ".." / server.causal_dir.parent.name / "causal"), [inside])
+        resolve_source(str(inside / ".." / ".." / model_dirs[0].parent.name / "causal"), [inside])
 
 
-def test_source_refuses_a_symlink_that_leaves_the_roots(server, tmp_path):
-    (tmp_path / "link").symlink_to(server.causal_dir, target_is_directory=True)
+def test_source_refuses_a_symlink_that_leaves_the_roots(model_dirs, tmp_path):
+    (tmp_path / "link").symlink_to(model_dirs[0], target_is_directory=True)
     with pytest.raises(SourceError, match="outside the allowed roots"):
         resolve_source(str(tmp_path / "link"), [tmp_path])
-    os.symlink(server.causal_dir / "model.safetensors", tmp_path / "model.safetensors")  # one file pointing out
-    (tmp_path / "config.json").write_text((server.causal_dir / "config.json").read_text())
+    os.symlink(model_dirs[0] / "model.safetensors", tmp_path / "model.safetensors")  # one file pointing out
+    (tmp_path / "config.json").write_text((model_dirs[0] / "config.json").read_text())
     with pytest.raises(SourceError, match="outside the allowed roots"):
         resolve_source(str(tmp_path), [tmp_path])
 
 
-def test_source_refuses_pickled_weights(server, tmp_path):
-    (tmp_path / "config.json").write_text((server.causal_dir / "config.json").read_text())
+def test_source_refuses_pickled_weights(model_dirs, tmp_path):
+    (tmp_path / "config.json").write_text((model_dirs[0] / "config.json").read_text())
     torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(SourceError, match="pickled weights"):
         resolve_source(str(tmp_path), [tmp_path])
+
+
+def test_source_downloads_a_registered_mlflow_model_by_alias(model_dirs, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipelines.tracking import RunTracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("BITLM_SERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the run's artifacts go to ./mlruns
+    try:
+        with RunTracker.start("serve-tests", "run", {}, system_metrics=False) as tracker:
+            tracker.log_model(model_dirs[0], registered_name="bitlm-serve", alias="live")
+        local = resolve_source("models:/bitlm-serve@live", [tmp_path / "elsewhere"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert local.is_relative_to((tmp_path / "cache").resolve())
+    assert (local / "model.safetensors").read_bytes() == (model_dirs[0] / "model.safetensors").read_bytes()
 
 
 def test_build_app_refuses_a_source_outside_the_roots(tmp_path):
@@ -284,7 +303,28 @@ def test_build_app_refuses_a_source_outside_the_roots(tmp_path):
         build_app({"model": "/etc", "allowed_roots": [str(tmp_path)]})
 
 
+def test_serve_config_binds_loopback_and_its_args_validate():
+    import yaml
+
+    from serve.schemas import AppArgs
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "serve" / "serve_config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    app = config["applications"][0]
+    assert app["import_path"] == "serve.app:build_app"
+    assert AppArgs.model_validate(app["args"]).max_batch_size == 8
+
+
 # --- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_bitlm_serve_refuses_a_model_outside_the_roots_before_starting_ray(tmp_path):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--model", "/etc", "--allowed-root", str(tmp_path)])
+    assert result.exit_code == 2 and "outside the allowed roots" in result.output
 
 
 def test_bitlm_serve_help_lists_its_options():
