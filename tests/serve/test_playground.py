@@ -76,7 +76,7 @@ def telemetry_row(rendered: dict[str, str], metric: str) -> list[str]:
     return next(row for row in rows if row and row[0] == metric)
 
 
-def test_page_renders_a_passed_generation(server, browser):
+def test_page_renders_a_passed_generation(browser, server):
     prompt = "To be, or not"
     page = submit(browser, f"{server.url}/", prompt=prompt, token=token_of(server), c_floor="0", s_floor="0")
     assert page["status"] == "done", page
@@ -88,7 +88,7 @@ def test_page_renders_a_passed_generation(server, browser):
     assert telemetry_row(page, "K")[2:4] == ["not", "gated"]
 
 
-def test_page_renders_a_blocked_generation_with_its_attempts(server, browser):
+def test_page_renders_a_blocked_generation_with_its_attempts(browser, server):
     # floors of 1.0 block every sample of the test models (see conftest.REFERENCE)
     page = submit(browser, f"{server.url}/", prompt="blocked", token=token_of(server), c_floor="1", s_floor="1")
     assert page["status"] == "done", page
@@ -99,7 +99,7 @@ def test_page_renders_a_blocked_generation_with_its_attempts(server, browser):
     assert len(page["attempts"].splitlines()) == 2 + 3  # caption, header, one row per attempt
 
 
-def test_page_renders_a_diffusion_generation_under_a_route_prefix(server, browser):
+def test_page_renders_a_diffusion_generation_under_a_route_prefix(browser, server):
     page = submit(browser, f"{server.diffusion_url}/", prompt="Once", token=token_of(server), mode="diffusion",
                   c_floor="0", s_floor="0")
     assert page["status"] == "done", page
@@ -107,7 +107,7 @@ def test_page_renders_a_diffusion_generation_under_a_route_prefix(server, browse
     assert all(a.split()[1] == "diffusion" for a in page["attempts"].splitlines()[2:])
 
 
-def test_page_shows_the_error_detail(server, browser):
+def test_page_shows_the_error_detail(browser, server):
     page = submit(browser, f"{server.url}/", prompt="hello", token="wrong-token")
     assert page["status"] == "failed"
     assert page["error"].startswith("HTTP 401: authorization")
