@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve import Application
 
@@ -59,6 +60,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
             e["field"], e["msg"] = "body", f"malformed JSON: {e['msg']}"
     detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors) or "body: invalid request"
     return JSONResponse(status_code=422, content={"detail": detail, "errors": errors})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail
+    if exc.status_code == 400 and detail == "There was an error parsing the body":  # e.g. JSON nested too deeply
+        detail = "body: malformed JSON (it could not be parsed)"
+    return JSONResponse(status_code=exc.status_code, content={"detail": detail}, headers=exc.headers)
 
 
 @api.exception_handler(ApiError)

@@ -24,7 +24,8 @@ def _utf8_text(value: str, field: str) -> str:
 class GenerateRequest(BaseModel):
     """One gated generation; limits on prompt bytes and max_new_bytes are the server's (see AppArgs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: no silent coercion of wrong JSON types ("5" or true for an int); ints still fill float fields
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, description="Text to continue: non-empty UTF-8.")
     max_new_bytes: int = Field(64, ge=1, description="Bytes to generate (upper limit: the server's max_new_bytes).")
@@ -69,7 +70,7 @@ class GenerateResponse(BaseModel):
 
 
 class ScoreRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = Field(min_length=2, description="At least 2 bytes of UTF-8 text.")
 

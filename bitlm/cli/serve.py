@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 
 import click
@@ -51,6 +52,7 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
     click.echo(f"serving {source} at http://{host}:{port} (API docs: http://{host}:{port}/docs)")
     if address is not None:
         return  # the application stays on the cluster; `serve shutdown` removes it
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` and container stops shut Serve down cleanly too
     try:
         while True:
             time.sleep(3600)
@@ -58,3 +60,7 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
         click.echo("shutting down")
     finally:
         ray_serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

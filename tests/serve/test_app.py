@@ -227,6 +227,9 @@ BAD_BODIES = [
     ('{"prompt": "\\udc80"}', "prompt"),  # valid JSON, but a lone surrogate is no UTF-8 text
     (b'{"prompt": "ab\xff\xfe"}', "prompt"),  # raw invalid UTF-8 bytes
     (b'{"prompt": "a"\xff}', "body"),
+    ({"prompt": "a", "max_new_bytes": True}, "max_new_bytes"),
+    ({"prompt": "a", "max_new_bytes": "8"}, "max_new_bytes"),
+    ('{"prompt": ' + "[" * 20000 + "]" * 20000 + "}", "body"),  # nested past the JSON parser's recursion limit
 ]
 
 
