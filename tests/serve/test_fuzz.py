@@ -236,3 +236,33 @@ def test_score_accepts_text_and_refuses_the_rest(server, session, case, diffusio
         assert math.isfinite(response.json()["bpb"])
     else:
         assert_client_error_has_detail(response)
+
+
+# The ends of every numeric range the schema admits, each in a request that is otherwise plain: a
+# random search can miss a single bad value, these are always sent.
+SCHEMA_EDGES = [
+    ("causal", {"temperature": 5e-324}), ("causal", {"temperature": 1e-300}), ("causal", {"temperature": 1e308}),
+    ("causal", {"top_p": 5e-324}), ("causal", {"top_p": 1e-300}), ("causal", {"top_p": 1.0}),
+    ("causal", {"top_k": 1}), ("causal", {"top_k": 2**31}), ("causal", {"top_k": 1, "top_p": 5e-324}),
+    ("causal", {"seed": 0}), ("causal", {"seed": 2**63 - 1, "max_retries": 5, "s_floor": 1.0}),
+    ("causal", {"max_new_bytes": "<limit>"}), ("causal", {"prompt": "<limit>"}),
+    ("diffusion", {"temperature": 5e-324}), ("diffusion", {"temperature": 1e308}),
+    ("diffusion", {"diffusion_steps": 1}), ("diffusion", {"diffusion_steps": 64, "schedule": "loglinear"}),
+    ("diffusion", {"schedule": "exp", "seed": 2**63 - 1, "max_retries": 5, "s_floor": 1.0}),
+    ("diffusion", {"max_new_bytes": "<limit>"}), ("diffusion", {"prompt": "<limit>"}),
+]
+
+
+@pytest.mark.parametrize("mode, fields", SCHEMA_EDGES, ids=[f"{m}-{json.dumps(f)}" for m, f in SCHEMA_EDGES])
+def test_generate_answers_at_the_edges_of_the_schema(server, session, mode, fields):
+    body = {"prompt": "edge", "max_new_bytes": 2, "mode": mode, "c_floor": 0.0, "s_floor": 0.0, **fields}
+    if body["max_new_bytes"] == "<limit>":
+        body["max_new_bytes"] = server.limits["max_new_bytes"]
+    if body["prompt"] == "<limit>":
+        body["prompt"] = "p" * server.limits["max_prompt_bytes"]
+    response = post(session, f"{app_url(server, mode == 'diffusion')}/v1/generate", encode(body))
+    assert response.status_code == 200, (body, response.status_code, response.text[:500])
+    data = response.json()
+    blocked = body["s_floor"] == 1.0  # no sample reaches S = 1 against the skewed conftest.REFERENCE
+    assert data["gate"]["passed"] is not blocked and (data["text"] is None) is blocked, data
+    assert len(data["gate"]["attempts"]) == (1 + body.get("max_retries", 2) if blocked else 1)
