@@ -117,9 +117,12 @@ def test_concurrent_requests_each_get_their_own_seeded_result(server):
     def one(seed: int) -> dict:
         return _post(server, "/v1/generate", {"prompt": "Hi ", "max_new_bytes": 6, "seed": seed, **PASS}).json()
 
+    before = len(_audit_lines(server))
     with ThreadPoolExecutor(8) as pool:
         batched = list(pool.map(one, range(100, 108)))
     alone = [one(seed) for seed in (100, 105)]
+    lines = _audit_lines(server)[before:]
+    assert len(lines) == 10 and {line["request_id"] for line in lines} == {b["request_id"] for b in batched + alone}
     assert [b["gate"]["attempts"][0]["seed"] for b in batched] == list(range(100, 108))
     assert [batched[0]["text"], batched[5]["text"]] == [a["text"] for a in alone]
     assert len({b["text"] for b in batched}) > 1
@@ -156,6 +159,16 @@ def test_audit_log_has_one_line_per_verdict(server):
     assert [line["verdict"]["passed"] for line in lines] == [True, False, False]
     assert all(line["request_id"] and line["ts"] for line in lines)
     assert len({line["request_id"] for line in lines}) == 3
+
+
+def test_audit_log_appends_whole_lines_from_many_threads(tmp_path):
+    from serve.audit import AuditLog
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: log.record(f"r{i}", {"passed": i % 2 == 0, "text": "line\nbreak" * 50}), range(400)))
+    records = log.read()
+    assert sorted(r["request_id"] for r in records) == sorted(f"r{i}" for i in range(400))
 
 
 # --- auth ------------------------------------------------------------------------------------------------
