@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 
 from .audit import AuditLog
-from .gating import Job, run_gated
+from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated
 from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
                       Telemetry, Timings)
 from .sources import resolve_source
@@ -263,8 +263,8 @@ class BitLMServer:
             if len(prompt) + n_new > room:
                 raise ApiError(422, f"max_new_bytes: prompt ({len(prompt)} bytes) + max_new_bytes "
                                     f"({n_new}) exceeds the diffusion context of {room} bytes")
-        return Job(prompt=prompt, max_new_bytes=n_new, mode=body.mode, temperature=body.temperature,
-                   top_k=body.top_k, top_p=None if body.top_p >= 1.0 else body.top_p,
+        return Job(prompt=prompt, max_new_bytes=n_new, mode=body.mode,
+                   temperature=max(body.temperature, MIN_TEMPERATURE), top_k=body.top_k, top_p=None if body.top_p >= 1.0 else max(body.top_p, MIN_TOP_P),
                    diffusion_steps=body.diffusion_steps, schedule=body.schedule,
                    seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
                    c_floor=a.c_floor if body.c_floor is None else body.c_floor,

@@ -20,6 +20,12 @@ from bitlm.diffusion import diffusion_sample
 from bitlm.safety import SafetyConfig, SafetyGate, Verdict, measure
 from bitlm.sampling import Generation, filter_logits
 
+# float32 turns a smaller temperature into 0 (and x / T into inf or nan); sampling at it is greedy anyway
+MIN_TEMPERATURE = 1e-30
+# filter_logits compares float32 masses with top_p, where a smaller top_p rounds to 0 and drops every
+# value; any top_p below the top value's mass (>= 1/256) keeps exactly that value, so this changes nothing
+MIN_TOP_P = 1e-6
+
 
 @dataclass(frozen=True)
 class Job:
@@ -77,7 +83,10 @@ def decode_rows(model, ids: torch.Tensor, n_new: int, *, temperature: float, top
                 state, logits = model.start_decoding(seq[:, start:])
             else:
                 logits = model.decode_next(state, seq[:, -1])
-            probs = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)  # (B, V)
+            scaled = logits.float() / temperature
+            if not torch.isfinite(scaled).all():  # a temperature near 0: the same distribution, shifted to max 0
+                scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+            probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)  # (B, V)
             nxt = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generators)])
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     finally:

@@ -30,7 +30,7 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="Text to continue: non-empty UTF-8.")
     max_new_bytes: int = Field(64, ge=1, description="Bytes to generate (upper limit: the server's max_new_bytes).")
     mode: Mode = "causal"
-    temperature: float = Field(0.8, gt=0, allow_inf_nan=False)
+    temperature: float = Field(0.8, gt=0, allow_inf_nan=False, description="Below 1e-30 sampled as 1e-30 (greedy).")
     top_k: Optional[int] = Field(None, ge=1, description="Causal mode only.")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus mass; causal mode only.")
     diffusion_steps: int = Field(16, ge=1, le=64)

@@ -67,6 +67,19 @@ def test_unset_max_new_bytes_shrinks_to_the_server_limit(server):
     assert r.status_code == 200 and r.json()["n_bits"] == server.limits["max_new_bytes"] * 9
 
 
+@pytest.mark.parametrize("near_zero", [{"temperature": 5e-324}, {"temperature": 1e-40}, {"top_p": 5e-324},
+                                       {"top_p": 1e-300, "top_k": 1}])
+def test_temperature_or_top_p_near_zero_samples_greedily(server, near_zero):
+    greedy = _post(server, "/v1/generate", {"prompt": "ab", "max_new_bytes": 3, "temperature": 1e-30, **PASS})
+    for url, mode in ((server.url, "causal"), (server.diffusion_url, "diffusion")):
+        r = _post(server, "/v1/generate", {"prompt": "ab", "max_new_bytes": 3, "mode": mode, **near_zero, **PASS},
+                  url=url)
+        assert r.status_code == 200, r.text
+    if "temperature" in near_zero:
+        assert _post(server, "/v1/generate", {"prompt": "ab", "max_new_bytes": 3, **near_zero, **PASS}).json()["text"] \
+            == greedy.json()["text"]
+
+
 def test_generate_mode_must_match_the_model(server):
     r = _post(server, "/v1/generate", {"prompt": "ab", "mode": "diffusion"})
     assert r.status_code == 422 and r.json()["detail"].startswith("mode:")
