@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -161,7 +162,10 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                             "max_new_bytes": max(512, args.max_new_bytes)}
                 serve.run(build_app(app_args), name="bench", route_prefix="/", blocking=False)
                 wait_healthy(url)
+                load_before = os.getloadavg()[0]
                 measured = run_variant(url, args)
+                # other work on the machine shows here: compare runs only at similar load
+                measured["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
                 serve.delete("bench")
                 results[batch_size] = measured
                 emit({"bench": "serve", "variant": "unbatched" if batch_size == 1 else "batched",
