@@ -175,3 +175,34 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
     click.echo(f"sample (parity corrections: {sample.n_parity_corrections}):\n{sample.text}")
     run_id = (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").exists() else "?"
     click.echo(f"\nmodel: {run_dir / 'model'}   MLflow run: {run_id} (experiment bitlm-demo; `bitlm ui` to browse)")
+    _serve_one_request(run_dir / "model", out)
+
+
+def _serve_one_request(model_dir: Path, out: Path) -> None:
+    """Serve the demo model on 127.0.0.1 with Ray Serve, send one gated request, print it, shut down."""
+    import socket
+    import urllib.request
+
+    from ray import serve as ray_serve
+
+    from serve.app import build_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app({"model": str(model_dir), "allowed_roots": [str(out)], "num_cpus": 0.5,
+                     "audit_log": str(out / "serve_audit.jsonl")})
+    ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        ray_serve.run(app, name="bitlm-demo", route_prefix="/", blocking=False)
+        body = {"prompt": "def ", "max_new_bytes": 64, "temperature": 0.8, "seed": 0}
+        url = f"http://127.0.0.1:{port}/v1/generate"
+        click.echo(f"\nserving the model with Ray Serve; one gated request:\n"
+                   f"$ curl -s {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'")
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.loads(response.read())
+        click.echo(json.dumps(reply, indent=2))
+        click.echo(f"audit log: {out / 'serve_audit.jsonl'}   (serve it yourself: bitlm serve --model {model_dir})")
+    finally:
+        ray_serve.shutdown()
