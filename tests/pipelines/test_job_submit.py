@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,49 +19,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TEXT = b"So shaken as we are, so wan with care, find we a time for frighted peace to pant. " * 400
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-@pytest.fixture
-def ray_head(tmp_path):
-    """A separate single-node Ray head with a dashboard on 127.0.0.1 (killed with its children at the end)."""
-    dashboard = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    # a short temp dir: Ray's socket paths must fit in 107 bytes
-    temp_dir = Path("/tmp") / f"bitlm-head-{os.getpid()}-{dashboard}"
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}",  # the default 52365 may be taken by another Ray
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        wait_for(f"http://127.0.0.1:{dashboard}/api/version", 120)
-        yield f"http://127.0.0.1:{dashboard}", env
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, 9)
 
 
 def test_ray_job_submit_trains_and_the_mlflow_run_holds_params_metrics_and_a_model(ray_head, tmp_path):
