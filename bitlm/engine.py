@@ -223,7 +223,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     # every rank scores the same eval_batches global batches: W workers evaluate what one worker with
     # a W-times batch evaluates, so their curves are comparable
     eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes, batch_size=cfg.batch_size * replicas)
-    bytes_seen = trainer_bytes_seen = float(history[-1].get("bytes_seen", 0)) if history else 0.0
+    bytes_seen = float(history[-1].get("bytes_seen", 0)) if history else 0.0
     emit = report or (lambda metrics, path: None)
     bar = _progress_bar(progress, cfg, step)
     window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0

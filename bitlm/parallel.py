@@ -168,7 +168,8 @@ class FSDPStrategy(Strategy):
         optim_state = get_optimizer_state_dict(model, optimizer, options=options)
         if not self.writes_checkpoints:
             return None
-        buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in model.state_dict()}
+        persistent = model.state_dict().keys()  # read once: non-persistent buffers stay out of checkpoints
+        buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in persistent}
         return {k: v.contiguous() for k, v in (model_state | buffers).items()}, _plain_groups(optim_state)
 
     def unwrapped(self, model):

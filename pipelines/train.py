@@ -120,9 +120,9 @@ class RayReporter:
                       f"C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", flush=True)
         if checkpoint is not None or is_eval or metrics.get("event") or "final" in metrics:
             merged = (self.last_eval | metrics) if checkpoint is not None else metrics
-            numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float, str))}
+            reportable = {k: v for k, v in merged.items() if isinstance(v, (int, float, str))}
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint is not None else None
-            ray.train.report(numeric, checkpoint=ckpt, checkpoint_dir_name=checkpoint.name if checkpoint else None)
+            ray.train.report(reportable, checkpoint=ckpt, checkpoint_dir_name=checkpoint.name if checkpoint else None)
         self._maybe_fail(step)
 
     def _maybe_fail(self, step: int) -> None:
