@@ -4,18 +4,29 @@ Forward process: at time t in [0, 1] every bit (flat model) or every byte, all i
 (patched model), is independently replaced by MASK with probability m(t), a schedule rising from
 m(0) = 0 to m(1) = 1. The patched model scores a masked byte's bits down its causal tree given
 the byte's earlier clean bits, so its per-byte term is -log p(byte) exactly; a flat model
-predicts masked bits independently, and its bound pays for the dependence between them. The model, run non-causally, predicts each clean
-bit from the partly masked sequence. With w(t) = m'(t) / m(t), the continuous-time bound
+predicts masked bits independently, and its bound pays for the dependence between them. The
+model, run non-causally, predicts each masked unit from the partly masked sequence z. With
+w(t) = m'(t) / m(t), the continuous-time bound is
 
-    -log p(x) <= E_{t ~ U(0,1)} [ w(t) * sum_{i masked at t} -log p(x_i | z_t) ]
+    -log p(x) <= E_{t ~ U(0,1)} [ w(t) * sum_{i masked at t} -log p(x_i | z_t) ].
 
-holds for any such schedule (the schedule changes the estimator's variance, not the bound). In
-bits and divided by the number of bytes it is the ELBO bpb reported beside causal bpb: an upper
-bound on the model's true bits per byte, so the comparison is conservative for diffusion.
+We estimate it in its Rao-Blackwellised form. Given the number k of masked units out of n, the
+masked set is a uniform k-subset, and integrating w(t) Binomial(k; n, m(t)) over t gives exactly
+1/k for every schedule, so the same bound reads
+
+    -log p(x) <= sum_{k=1..n} (1/k) E_{|M| = k} [ sum_{i in M} -log p(x_i | z_M) ].
+
+Training draws k from P(k), the distribution a uniform t induces through m(t) (so the schedule
+decides which noise levels the model sees most), and weights the row by 1 / (k P(k)). The
+expectation is the bound above; the weights stay bounded, whereas w(t) ~ 1/t in the time form
+gives rows with a tiny t and one masked unit weights in the thousands. In bits and divided by
+the number of bytes it is the ELBO bpb reported beside causal bpb: an upper bound on the model's
+true bits per byte, so the comparison is conservative for diffusion.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -31,7 +42,6 @@ from .sampling import Generation
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "exp", "loglinear")  # config.NoiseSchedule
 _EXP_RATE = 5.0  # "exp": masks quickly early, m(t) = (1 - e^{-5t}) / (1 - e^{-5})
 _LOGIT_SPAN = 6.0  # "loglinear": log-odds of the mask rate linear in t, from -6 to +6, rescaled to [0, 1]
-_T_MIN = 1e-4  # t is drawn from [T_MIN, 1]: w(t) ~ 1/t diverges at 0 while the masked set vanishes
 
 
 def _check_schedule(schedule: str) -> None:
@@ -68,25 +78,59 @@ def mask_rate_derivative(t: torch.Tensor, schedule: str) -> torch.Tensor:
     return 2.0 * _LOGIT_SPAN * s * (1.0 - s) / (hi - lo)
 
 
-def sample_times(batch_size: int, *, generator: torch.Generator, progress: float = 1.0,
-                 curriculum: bool = False, stratified: bool = False) -> torch.Tensor:
-    """Diffusion times for a batch, in [T_MIN, 1].
+_QUADRATURE_POINTS = 16_384  # midpoint rule over t for the masked-count distribution
 
-    stratified: one draw per 1/B stratum (a lower-variance estimate, used for evaluation).
-    curriculum: t = u^gamma with gamma rising from 0.25 to 1 over training, so early steps see
+
+@functools.lru_cache(maxsize=64)
+def _masked_count_table(n: int, schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P(k | k >= 1), its CDF) for k = 1..n: how many of n units a uniform t masks under m(t)."""
+    t = (torch.arange(_QUADRATURE_POINTS, dtype=torch.float64) + 0.5) / _QUADRATURE_POINTS
+    m = mask_rate(t, schedule).to(torch.float64).clamp(1e-300, 1.0 - 1e-16)[:, None]
+    k = torch.arange(n + 1, dtype=torch.float64)[None, :]
+    log_choose = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
+    pmf = torch.exp(log_choose + k * m.log() + (n - k) * torch.log1p(-m)).mean(dim=0)[1:]
+    pmf = pmf / pmf.sum()
+    return pmf, pmf.cumsum(0)
+
+
+def masked_count_distribution(n: int, schedule: str) -> torch.Tensor:
+    """P(k) for k = 1..n: the number of masked units (bytes or bits) when t ~ U(0, 1) masks each of n
+    units independently with probability m(t), conditioned on k >= 1 (k = 0 adds nothing to the bound)."""
+    _check_schedule(schedule)
+    if n < 1:
+        raise ValueError(f"need at least one unit to mask, got n={n}")
+    return _masked_count_table(n, schedule)[0].clone()
+
+
+def sample_masked_counts(batch_size: int, n: int, *, schedule: str, generator: torch.Generator,
+                         progress: float = 1.0, curriculum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked counts k (batch_size,) in 1..n and their bound weights 1 / (k P(k)).
+
+    Times are low-discrepancy across the batch (one uniform per 1/B stratum, mapped through the
+    CDF of P(k)), which keeps the estimate unbiased and lowers its variance.
+    curriculum: u -> u^gamma with gamma rising from 0.25 to 1 over training, so early steps see
     mostly heavy noise; the training loss is then a reweighted objective, not the ELBO itself.
     """
-    u = torch.rand(batch_size, generator=generator)
-    if stratified:
-        u = (torch.arange(batch_size) + u) / batch_size
+    pmf, cdf = _masked_count_table(n, schedule)
+    u = (torch.arange(batch_size, dtype=torch.float64)
+         + torch.rand(batch_size, generator=generator, dtype=torch.float64)) / batch_size
+    u = u[torch.randperm(batch_size, generator=generator)]  # strata land on random rows
     if curriculum:
         u = u ** (0.25 + 0.75 * min(max(progress, 0.0), 1.0))
-    return _T_MIN + (1.0 - _T_MIN) * u
+    index = torch.searchsorted(cdf, u * cdf[-1]).clamp(max=n - 1)
+    k = index + 1
+    return k, (1.0 / (k.to(torch.float64) * pmf[index])).to(torch.float32)
+
+
+def _mask_exactly(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, n) bool masks with counts[b] units masked in row b, the units a uniformly random subset."""
+    ranks = torch.rand(counts.shape[0], n, generator=generator).argsort(dim=1).argsort(dim=1)
+    return ranks < counts[:, None]
 
 
 def diffusion_loss(model, byte_windows: torch.Tensor, *, schedule: str, generator: torch.Generator,
-                   progress: float = 1.0, curriculum: bool = False, stratified: bool = False) -> LossOutput:
-    """The ELBO of a (B, L) byte batch under a non-causal model, with one diffusion time per row.
+                   progress: float = 1.0, curriculum: bool = False) -> LossOutput:
+    """The ELBO of a (B, L) byte batch under a non-causal model, one masked set per row.
 
     loss: the ELBO in nats per bit (what training minimises); nll_bits: the summed ELBO in bits,
     an upper bound on the batch's negative log2-likelihood; n_bytes: every byte of the batch.
@@ -95,20 +139,19 @@ def diffusion_loss(model, byte_windows: torch.Tensor, *, schedule: str, generato
     device = next(model.parameters()).device
     bits = bytes_to_bit_tensor(byte_windows.to(device), parity=model.config.parity)  # (B, T)
     B, T = bits.shape
-    t = sample_times(B, generator=generator, progress=progress, curriculum=curriculum, stratified=stratified)
-    m = mask_rate(t, schedule).to(device)
-    weight = (mask_rate_derivative(t, schedule) / mask_rate(t, schedule).clamp_min(1e-12)).to(device)  # (B,)
     byte_level = model.config.arch == "patched"
     bpb = model.config.bits_per_byte
+    # the units masked together: whole bytes (patched: their bits scored exactly down the tree) or bits
+    n_units = T // bpb if byte_level else T
+    counts, weight = sample_masked_counts(B, n_units, schedule=schedule, generator=generator,
+                                          progress=progress, curriculum=curriculum)
+    masked = _mask_exactly(counts, n_units, generator).to(device)
     if byte_level:
-        # whole bytes are masked and their bits scored down the causal tree: the byte term is exact
-        masked = (torch.rand(B, T // bpb, generator=generator).to(device) < m[:, None]).repeat_interleave(bpb, dim=1)
-    else:
-        masked = torch.rand(B, T, generator=generator).to(device) < m[:, None]
+        masked = masked.repeat_interleave(bpb, dim=1)
     logits, _ = model(torch.where(masked, torch.full_like(bits, MASK), bits), causal=False,
                       **({"local_prefix": bits} if byte_level else {}))
     nll = F.cross_entropy(logits.float().reshape(-1, 2), bits.reshape(-1), reduction="none").view(B, T)
-    per_row = (nll * masked).sum(dim=1) * weight  # nats, an unbiased estimate of each row's bound
+    per_row = (nll * masked).sum(dim=1) * weight.to(device)  # nats, an unbiased estimate of each row's bound
     return LossOutput(loss=per_row.sum() / (B * T), nll_bits=per_row.detach().sum() / LN2,
                       n_bytes=B * byte_windows.shape[1], p_one=logits.float().softmax(-1)[..., 1])
 
@@ -184,8 +227,8 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
 
 
 def evaluate_elbo(model, batches, *, schedule: str, seed: int = 0) -> dict[str, float]:
-    """ELBO bits per byte (an upper bound) over (B, L) byte batches, with stratified, seeded times."""
+    """ELBO bits per byte (an upper bound) over (B, L) byte batches, with seeded masks."""
     generator = torch.Generator().manual_seed(seed)
     elbo_bpb, n_bytes = bits_per_byte_over(
-        model, batches, lambda m, batch: diffusion_loss(m, batch, schedule=schedule, generator=generator, stratified=True))
+        model, batches, lambda m, batch: diffusion_loss(m, batch, schedule=schedule, generator=generator))
     return {"elbo_bpb": elbo_bpb, "n_bytes": n_bytes}

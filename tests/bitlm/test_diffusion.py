@@ -10,7 +10,8 @@ import torch
 from bitlm.codec import bits_to_bytes, bytes_to_bits
 from bitlm.config import DiffusionConfig, ModelConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.diffusion import SCHEDULES, diffusion_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative
+from bitlm.diffusion import (SCHEDULES, diffusion_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative,
+                             masked_count_distribution, sample_masked_counts)
 from bitlm.engine import MetricDriftWarning, _drift, fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import LossOutput, telemetry_penalty
@@ -37,6 +38,57 @@ def test_mask_rate_derivative_matches_finite_differences(schedule):
     h = 1e-5
     numeric = (mask_rate(t + h, schedule) - mask_rate(t - h, schedule)) / (2 * h)
     torch.testing.assert_close(mask_rate_derivative(t, schedule), numeric, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_every_schedule_weights_k_masked_units_by_one_over_k(schedule):
+    # the identity behind the count form: integral of w(t) Binomial(k; n, m(t)) dt = 1/k
+    n, steps = 6, 200_000
+    t = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    m, w = mask_rate(t, schedule), mask_rate_derivative(t, schedule)
+    for k in range(1, n + 1):
+        binomial = math.comb(n, k) * m ** k * (1 - m) ** (n - k)
+        assert float((w / m * binomial).mean()) == pytest.approx(1 / k, rel=2e-3)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_masked_count_distribution_is_a_distribution_over_one_to_n(schedule):
+    p = masked_count_distribution(64, schedule)
+    assert p.shape == (64,) and float(p.min()) > 0 and float(p.sum()) == pytest.approx(1.0, abs=1e-9)
+    if schedule == "linear":  # m = t: every count 0..n is equally likely
+        torch.testing.assert_close(p, torch.full((64,), 1 / 64, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
+def test_sampled_counts_follow_the_distribution_and_carry_their_weights():
+    gen = torch.Generator().manual_seed(0)
+    k, w = sample_masked_counts(20_000, 8, schedule="cosine", generator=gen)
+    p = masked_count_distribution(8, "cosine")
+    freq = torch.bincount(k - 1, minlength=8).double() / k.numel()
+    torch.testing.assert_close(freq, p, atol=2e-3, rtol=0)  # stratified: close to exact frequencies
+    torch.testing.assert_close(w.double(), 1 / (k.double() * p[k - 1]), rtol=1e-5, atol=0)
+    early, _ = sample_masked_counts(20_000, 8, schedule="cosine", generator=gen, curriculum=True, progress=0.0)
+    assert float(early.double().mean()) > float(k.double().mean())  # the curriculum starts noisy
+
+
+def test_the_estimator_is_unbiased_for_the_bound_enumerated_over_every_masked_set():
+    # 4 bytes: the bound sum_k (1/k) E_{|M|=k}[sum_{i in M} -log p(x_i | z_M)] over all 15 masked sets
+    model = make()
+    window = torch.as_tensor(list(b"to b"), dtype=torch.uint8)[None]
+    bits = torch.as_tensor(bytes_to_bits(b"to b"), dtype=torch.long)[None]
+    subsets = [s for s in range(1, 16)]
+    exact = 0.0
+    with torch.no_grad():
+        for k in range(1, 5):
+            sets = [s for s in subsets if bin(s).count("1") == k]
+            total = 0.0
+            for s in sets:
+                masked = torch.tensor([(s >> i) & 1 for i in range(4)], dtype=torch.bool).repeat_interleave(9)[None]
+                logits, _ = model(torch.where(masked, torch.full_like(bits, 2), bits), causal=False, local_prefix=bits)
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none")
+                total += float((nll * masked.reshape(-1)).sum()) / math.log(2)
+            exact += total / len(sets) / k
+        out = diffusion_loss(model, window.repeat(4000, 1), schedule="cosine", generator=torch.Generator().manual_seed(1))
+    assert float(out.nll_bits) / 4000 == pytest.approx(exact, rel=0.02)
 
 
 def test_unknown_schedule_is_named():
@@ -176,3 +228,35 @@ def test_patched_diffusion_masks_whole_bytes_and_scores_them_down_the_tree():
     per_byte = (x == 2).view(2, 32, 9)
     assert bool((per_byte.all(-1) | ~per_byte.any(-1)).all())  # a byte is masked entirely or not at all
     assert per_byte.any() and prefix is not None
+
+
+def _bits_per_masked_byte(model, windows: torch.Tensor, rate: float, seed: int = 0) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    bits = torch.as_tensor(bytes_to_bits(windows.numpy().tobytes()), dtype=torch.long).view(windows.shape[0], -1)
+    masked = (torch.rand(windows.shape, generator=gen) < rate).repeat_interleave(9, dim=1)
+    with torch.no_grad():
+        logits, _ = model(torch.where(masked, torch.full_like(bits, 2), bits), causal=False, local_prefix=bits)
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none")
+    return float((nll * masked.reshape(-1)).sum()) / math.log(2) / (int(masked.sum()) // 9)
+
+
+def test_a_diffusion_model_learns_masked_bytes_from_their_neighbours():
+    # a random walk over 4 letters: alone a byte costs 2 bits; its two neighbours leave at most 1
+    rng = torch.Generator().manual_seed(0)
+    walk = (torch.randint(0, 2, (4096,), generator=rng) * 2 - 1).cumsum(0) % 4
+    text = bytes((b"acgt"[int(i)] for i in walk))
+    corpus = Corpus.from_bytes(text, window_bytes=64, val_fraction=0.1)
+    model = make(max_seq_len=32).train()
+    cfg = TrainConfig(batch_size=16, context_bytes=32, max_steps=150, warmup_steps=10, lr=3e-3, log_every=50,
+                      eval_every=150, eval_batches=1)
+    fit(model, corpus, cfg, diffusion=DiffusionConfig(noise_schedule="linear"))
+    val = next(corpus.val.sequential_batches(8, 32))
+    assert _bits_per_masked_byte(model.eval(), val, rate=0.1) < 1.3
+
+
+def test_only_non_causal_patched_models_carry_the_neighbour_convolution():
+    causal = BitTransformerLM(ModelConfig.from_name("tiny", kind="patched"))
+    assert not any("neighbour_mix" in k for k in causal.state_dict())
+    assert any("neighbour_mix" in k for k in make().state_dict())
+    with pytest.raises(ValueError, match="causal=False"):
+        causal.body.encode_noncausal(torch.zeros(1, 2, 9, dtype=torch.long))
