@@ -106,7 +106,7 @@ def sample_masked_counts(batch_size: int, n: int, *, schedule: str, generator: t
                          progress: float = 1.0, curriculum: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked counts k (batch_size,) in 1..n and their bound weights 1 / (k P(k)).
 
-    Times are low-discrepancy across the batch (one uniform per 1/B stratum, mapped through the
+    Counts are low-discrepancy across the batch (one uniform per 1/B stratum, mapped through the
     CDF of P(k)), which keeps the estimate unbiased and lowers its variance.
     curriculum: u -> u^gamma with gamma rising from 0.25 to 1 over training, so early steps see
     mostly heavy noise; the training loss is then a reweighted objective, not the ELBO itself.
