@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 
 from .audit import AuditLog
-from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated
+from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
 from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
                       Telemetry, Timings)
 from .sources import resolve_source
@@ -215,6 +215,8 @@ class BitLMServer:
         request_id = uuid.uuid4().hex
         job = self._job(body)
         outcome, started, finished = await self._generate_batch((job, arrived))
+        if isinstance(outcome, Exception):  # this job alone failed; the rest of its batch was answered
+            raise outcome
         verdict = outcome.verdict
         self.audit.record(request_id, verdict.to_dict(), model=self.name, mode=job.mode, strict=body.strict,
                           prompt_bytes=len(job.prompt))
@@ -234,7 +236,7 @@ class BitLMServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both reset from the args in __init__
     async def _generate_batch(self, items: list[tuple[Job, float]]) -> list[tuple[Any, float, float]]:
         started = time.perf_counter()
-        outcomes = await asyncio.to_thread(self._locked, run_gated, self.model, [job for job, _ in items])
+        outcomes = await asyncio.to_thread(self._locked, run_gated_isolated, self.model, [job for job, _ in items])
         finished = time.perf_counter()
         return [(outcome, started, finished) for outcome in outcomes]
 

@@ -166,3 +166,25 @@ def run_gated(model, jobs: list[Job], *, window_bytes: int = 512) -> list[Outcom
         outcomes.append(Outcome(verdict=dataclasses.replace(verdict, attempts=attempts[i], text=gen.text),
                                 new_bytes=gen.new_bytes))
     return outcomes
+
+
+def run_gated_isolated(model, jobs: list[Job], *, window_bytes: int = 512) -> list[Outcome | Exception]:
+    """run_gated over the batch; if it raises, each job again on its own.
+
+    A batch shares one forward pass, so one job that fails would otherwise fail every caller in
+    its batch. On failure every job is rerun alone (results are per-job seeded, so the good ones
+    get exactly what the batch would have given them) and the failing jobs get their exception
+    in place of an outcome, for their own caller to report.
+    """
+    try:
+        return list(run_gated(model, jobs, window_bytes=window_bytes))
+    except Exception:
+        if len(jobs) == 1:
+            raise
+    outcomes: list[Outcome | Exception] = []
+    for job in jobs:
+        try:
+            outcomes.append(run_gated(model, [job], window_bytes=window_bytes)[0])
+        except Exception as exc:  # noqa: BLE001 - handed to that job's caller, who raises it
+            outcomes.append(exc)
+    return outcomes
