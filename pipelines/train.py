@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,10 @@ class RayReporter:
             self.last_eval = dict(metrics)
             if self.rank == 0:  # reaches the driver's console through Ray's log forwarding
                 score = "val/bpb" if "val/bpb" in metrics else "val/elbo_bpb"
-                print(f"step {step}: {score} {metrics[score]:.4f}  K {metrics['val/K']:.3f}  "
-                      f"C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", flush=True)
+                # not print(): Ray Train patches it to tee into a logger as well, so every line came twice
+                sys.stdout.write(f"step {step}: {score} {metrics[score]:.4f}  K {metrics['val/K']:.3f}  "
+                                 f"C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}\n")
+                sys.stdout.flush()
         if checkpoint is not None or is_eval or metrics.get("event") or "final" in metrics:
             merged = (self.last_eval | metrics) if checkpoint is not None else metrics
             reportable = {k: v for k, v in merged.items() if isinstance(v, (int, float, str))}
@@ -136,6 +139,21 @@ class RayReporter:
         raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
 
 
+def _quiet_report_log() -> None:
+    """Silence Ray Train's INFO line per ray.train.report (it dumps every metric to the console).
+
+    Its logger is named by the module's file path, not its dotted name, so RunConfig's
+    LoggingConfig(log_level="WARNING") for "ray.train" does not reach it (Ray 2.60).
+    """
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: nothing to silence
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: build, wrap and train the model; resume from Ray's latest checkpoint."""
     import ray.train
@@ -147,6 +165,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from bitlm.model import BitTransformerLM
     from bitlm.parallel import make_strategy
 
+    _quiet_report_log()
     cfg = from_dict(PipelineConfig, config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

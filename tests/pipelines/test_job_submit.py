@@ -45,6 +45,10 @@ def test_ray_job_submit_trains_and_the_mlflow_run_holds_params_metrics_and_a_mod
         time.sleep(2)
     assert done.returncode == 0, f"job failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     assert "succeeded" in done.stdout
+    # the job's log: each evaluation printed once, without Ray Train's per-report INFO dump
+    log = done.stdout + done.stderr
+    assert log.count("step 6: val/bpb") == 1, log[-4000:]
+    assert "Reporting training result" not in log
 
     import mlflow
 
