@@ -8,6 +8,7 @@ where string annotations of the request models would not resolve.
 
 
 import asyncio
+import hashlib
 import hmac
 import json
 import math
@@ -146,12 +147,17 @@ async def _reply(send, status: int, content: dict) -> None:
 api.add_middleware(BodyGuard)
 
 
+def token_digest(token: str) -> str:
+    """What replicas hold instead of the token: its SHA-256, so the secret is not in Ray's config store."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
 def _authorize(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
-    token = getattr(request.app.state, "api_token", None)
-    if not token:
+    expected = getattr(request.app.state, "api_token_sha256", None)
+    if not expected:
         return
     given = credentials.credentials if credentials is not None else ""
-    if credentials is None or not hmac.compare_digest(given.encode("utf-8"), token.encode("utf-8")):
+    if credentials is None or not hmac.compare_digest(token_digest(given), expected):
         raise ApiError(401, "authorization: a valid 'Authorization: Bearer <token>' header is required")
 
 
@@ -173,7 +179,7 @@ class BitLMServer:
         self.name = self.args.name or self.args.model
         self.audit = AuditLog(settings["audit_log"])
         self._model_lock = threading.Lock()  # the batch thread and /v1/score share one model
-        api.state.api_token = settings.get("api_token")
+        api.state.api_token_sha256 = settings.get("api_token_sha256")
         api.state.max_body_bytes = self.args.max_body_bytes
         self._generate_batch.set_max_batch_size(self.args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -277,9 +283,11 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """The Serve application for `args.model` (validated, resolved and checked here, in the caller's process)."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     model_dir = resolve_source(a.model, a.allowed_roots or None)
-    settings = {"args": a.model_dump(), "model_dir": str(model_dir), "api_token": a.token(),
+    token = a.token()
+    # deployment init args are stored in Ray's config store and shown by the dashboard: send a digest
+    settings = {"args": a.model_dump() | {"api_token": None}, "model_dir": str(model_dir),
+                "api_token_sha256": token_digest(token) if token else None,
                 "audit_log": str(Path(a.audit_log).expanduser().resolve())}
-    settings["args"]["api_token"] = None  # passed once, in settings
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": a.num_cpus},
                                "max_ongoing_requests": a.max_ongoing_requests}
     if a.autoscaling:

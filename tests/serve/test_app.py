@@ -365,3 +365,14 @@ def test_bitlm_serve_help_lists_its_options():
     assert result.exit_code == 0, result.output
     for option in ("--model", "--port", "--host", "--replicas", "--address"):
         assert option in result.output
+
+
+def test_the_token_never_reaches_the_deployment_config_only_its_digest(model_dirs, tmp_path):
+    from serve.app import build_app, token_digest
+
+    causal_dir, secret = model_dirs[0], "not-for-the-config-store-91c2"
+    app = build_app({"model": str(causal_dir), "allowed_roots": [str(causal_dir.parent)], "api_token": secret,
+                     "audit_log": str(tmp_path / "audit.jsonl")})
+    # what Ray stores and the dashboard shows: the deployment's init args
+    stored = json.dumps(app._bound_deployment.init_args, default=str)
+    assert secret not in stored and token_digest(secret) in stored
