@@ -41,19 +41,27 @@ def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[fl
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generator) -> torch.Tensor:
-    """Sample one id per row from (B, V) logits."""
+def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generators: list[torch.Generator]) -> torch.Tensor:
+    """Sample one id per row from (B, V) logits: from one shared generator, or one generator per row."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # a temperature near 0 overflows: the same distribution, shifted to max 0
+        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+    probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)
+    if len(generators) == 1:
+        return torch.multinomial(probs, 1, generator=generators[0]).squeeze(-1)
+    return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generators)])
 
 
 @torch.no_grad()
 def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 use_cache: bool = True) -> torch.Tensor:
+                 use_cache: bool = True, row_seeds: Optional[list[int]] = None) -> torch.Tensor:
     """Extend (B, T0) prompt ids by n_new sampled ids; returns (B, T0 + n_new).
+
+    row_seeds: one generator per row instead of one for the batch (`seed`), so a row draws exactly
+    what it would draw alone; the server batches independent requests this way.
 
     With the cache each new id costs one incremental step (for the patched model: local steps, plus
     one global step per completed byte). When the context fills up, the oldest half is dropped on a
@@ -67,11 +75,16 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()  # fresh entropy for this call only; the global RNG is left alone
+    if row_seeds is not None:
+        if len(row_seeds) != prompt.shape[0]:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {prompt.shape[0]} rows")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
     else:
-        generator.manual_seed(seed)
+        generators = [torch.Generator(device=device)]
+        if seed is None:
+            generators[0].seed()  # fresh entropy for this call only; the global RNG is left alone
+        else:
+            generators[0].manual_seed(seed)
     seq = prompt.to(device)
     unit = cfg.ids_per_byte
     keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
@@ -87,7 +100,7 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
                 state, logits = model.start_decoding(seq[:, start:])
             else:
                 logits = model.decode_next(state, seq[:, -1])
-            nxt = _pick(logits, temperature, top_k, top_p, generator)
+            nxt = _pick(logits, temperature, top_k, top_p, generators)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
     finally:
         model.train(was_training)
@@ -103,22 +116,28 @@ def generate(model, prompt: str | bytes, max_new_bytes: int, *, temperature: flo
     data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
     if not data:
         raise ValueError("prompt must be at least one byte (the model predicts from earlier positions)")
-    cfg = model.config
+    ids = prompt_ids(model.config, data)[None]
+    out = generate_ids(model, ids, max_new_bytes * model.config.ids_per_byte, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed, use_cache=use_cache)
+    return to_generation(model.config, data, out[0, ids.shape[1]:])
+
+
+def prompt_ids(cfg, data: bytes) -> torch.Tensor:
+    """The (T,) ids a model reads for text bytes: their bits, or the bytes themselves."""
     if cfg.representation == "bit":
-        ids = torch.as_tensor(bytes_to_bits(data, parity=cfg.parity), dtype=torch.long)[None]
-        out = generate_ids(model, ids, max_new_bytes * cfg.bits_per_byte, temperature=temperature,
-                           top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache)
-        new_bits = out[0, ids.shape[1]:].cpu().numpy()
-        corrections = 0
-        if cfg.parity:
-            new_bits, corrections = enforce_parity(new_bits)
-        new = bits_to_bytes(new_bits, parity=cfg.parity)
+        return torch.as_tensor(bytes_to_bits(data, parity=cfg.parity), dtype=torch.long)
+    return torch.as_tensor(list(data), dtype=torch.long)
+
+
+def to_generation(cfg, prompt: bytes, new_ids: torch.Tensor) -> Generation:
+    """A Generation from the sampled ids after `prompt`; bit models get parity enforced (and counted)."""
+    new_ids = new_ids.cpu()
+    if cfg.representation == "bit":
+        bits, corrections = enforce_parity(new_ids.numpy()) if cfg.parity else (new_ids.numpy(), 0)
+        new = bits_to_bytes(bits, parity=cfg.parity)
     else:
-        ids = torch.as_tensor(list(data), dtype=torch.long)[None]
-        out = generate_ids(model, ids, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed, use_cache=use_cache)
-        new, corrections = bytes(out[0, ids.shape[1]:].tolist()), 0
-    return Generation(text=(data + new).decode("utf-8", errors="replace"), new_bytes=new,
+        new, corrections = bytes(new_ids.tolist()), 0
+    return Generation(text=(prompt + new).decode("utf-8", errors="replace"), new_bytes=new,
                       n_parity_corrections=corrections)
 
 

@@ -1,8 +1,8 @@
 """Gated sampling of a batch of requests: causal ones with equal settings decode together, each row with its own seed.
 
-bitlm.sampling.generate draws a whole batch from one generator, so rows of a batch could not
-reproduce a single request's sample; here every row has its own torch.Generator, and a request
-gets the same text alone or batched. Retries are rounds: attempt k of every still-blocked request
+bitlm.sampling.generate_ids draws the rows of a batch from one generator unless it is given
+row_seeds; here it always is, so every row has its own torch.Generator and a request gets the
+same text alone or batched. Retries are rounds: attempt k of every still-blocked request
 runs in round k (seed + k), batched again. Diffusion requests run one after another.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import torch
 
-from bitlm.codec import bits_to_bytes, bytes_to_bits, enforce_parity
+from bitlm.codec import bytes_to_bits
 from bitlm.diffusion import diffusion_sample
 from bitlm.safety import SafetyConfig, SafetyGate, Verdict, measure
-from bitlm.sampling import Generation, filter_logits
+from bitlm.sampling import Generation, generate_ids, prompt_ids, to_generation
 
 # float32 turns a smaller temperature into 0 (and x / T into inf or nan); sampling at it is greedy anyway
 MIN_TEMPERATURE = 1e-30
@@ -44,8 +44,8 @@ class Job:
     s_floor: float
     max_retries: int
 
-    def batch_key(self, k: int) -> tuple:
-        """Requests with equal keys decode together in round k (diffusion requests never share one)."""
+    def batch_key(self) -> tuple:
+        """Requests with equal keys decode together in a round (diffusion requests never share one)."""
         if self.mode == "diffusion":
             return ("diffusion", id(self))
         return ("causal", len(self.prompt), self.max_new_bytes, self.temperature, self.top_k, self.top_p)
@@ -57,70 +57,19 @@ class Outcome:
     new_bytes: bytes
 
 
-@torch.no_grad()
-def decode_rows(model, ids: torch.Tensor, n_new: int, *, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], seeds: list[int]) -> torch.Tensor:
-    """Extend (B, T0) ids by n_new ids with the KV cache; row i samples from its own generator seeded seeds[i].
-
-    The context handling is bitlm.sampling.generate_ids': when it fills up, the oldest half is
-    dropped on a byte boundary and the rest re-read.
-    """
-    cfg = model.config
-    device = next(model.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    seq = ids.to(device)
-    unit = cfg.ids_per_byte
-    keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
-    start, state = 0, None
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in range(n_new):
-            if seq.shape[1] - start > cfg.max_input_ids:
-                start = seq.shape[1] - (keep_bytes * unit + seq.shape[1] % unit)
-                state = None
-            if state is None:
-                state, logits = model.start_decoding(seq[:, start:])
-            else:
-                logits = model.decode_next(state, seq[:, -1])
-            scaled = logits.float() / temperature
-            if not torch.isfinite(scaled).all():  # a temperature near 0: the same distribution, shifted to max 0
-                scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
-            probs = filter_logits(scaled, top_k=top_k, top_p=top_p).softmax(-1)  # (B, V)
-            nxt = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generators)])
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-    finally:
-        model.train(was_training)
-    return seq
-
-
 def sample_causal(model, jobs: list[Job], seeds: list[int]) -> list[Generation]:
-    """One batched decode for jobs that share a batch key."""
+    """One batched decode for jobs that share a batch key, each row from its own seed."""
     cfg, first = model.config, jobs[0]
-    if cfg.representation == "bit":
-        ids = torch.stack([torch.as_tensor(bytes_to_bits(j.prompt, parity=cfg.parity), dtype=torch.long) for j in jobs])
-        n_new = first.max_new_bytes * cfg.bits_per_byte
-    else:
-        ids = torch.stack([torch.as_tensor(list(j.prompt), dtype=torch.long) for j in jobs])
-        n_new = first.max_new_bytes
-    out = decode_rows(model, ids, n_new, temperature=first.temperature, top_k=first.top_k, top_p=first.top_p,
-                      seeds=seeds)[:, ids.shape[1]:].cpu()
-    results = []
-    for job, row in zip(jobs, out):
-        if cfg.representation == "bit":
-            bits, corrections = (enforce_parity(row.numpy()) if cfg.parity else (row.numpy(), 0))
-            new = bits_to_bytes(bits, parity=cfg.parity)
-        else:
-            new, corrections = bytes(row.tolist()), 0
-        results.append(Generation(text=(job.prompt + new).decode("utf-8", errors="replace"), new_bytes=new,
-                                  n_parity_corrections=corrections))
-    return results
+    ids = torch.stack([prompt_ids(cfg, j.prompt) for j in jobs])
+    out = generate_ids(model, ids, first.max_new_bytes * cfg.ids_per_byte, temperature=first.temperature,
+                       top_k=first.top_k, top_p=first.top_p, row_seeds=seeds)[:, ids.shape[1]:]
+    return [to_generation(cfg, job.prompt, row) for job, row in zip(jobs, out)]
 
 
 def _sample_round(model, jobs: list[Job], k: int) -> list[Generation]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[job.batch_key(k)].append(i)
+        groups[job.batch_key()].append(i)
     out: list[Optional[Generation]] = [None] * len(jobs)
     for members in groups.values():
         group = [jobs[i] for i in members]
