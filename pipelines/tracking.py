@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import numbers
-import os
 import tempfile
 import time
 import warnings
@@ -27,6 +26,8 @@ from mlflow.models import Model, ModelSignature
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.types import ParamSchema, ParamSpec
+
+from bitlm.store import default_tracking_uri as tracking_uri  # re-exported: the store runs log to
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +45,6 @@ from pipelines.tracking import BitLMPyfunc
 
 mlflow.models.set_model(BitLMPyfunc())
 '''
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set, else a SQLite store in the working directory (absolute path)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -93,8 +93,9 @@ def _download(uri: str) -> Path:
     """Download an MLflow model (its save_pretrained artifact included) into the serve cache."""
     import mlflow
 
-    # the store pipelines.tracking writes to (serve depends on bitlm only, so the rule is repeated here)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db")
+    from bitlm.store import default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri())  # the store training logs to
     root = download_root()
     root.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="model-", dir=root))

@@ -5,15 +5,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from pathlib import Path
 
 import click
 
-
-def default_store_uri() -> str:
-    """The store pipelines.tracking writes to: MLFLOW_TRACKING_URI, else ./mlflow.db (absolute)."""
-    # the same rule as pipelines.tracking.tracking_uri, repeated so the CLI never imports mlflow
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
+from ..store import default_tracking_uri
 
 
 def _is_loopback(host: str) -> bool:
@@ -43,7 +38,7 @@ def ui_command(port, host, backend_store_uri):
     if not _is_loopback(host):
         click.echo(f"warning: --host {host} is not a loopback address; the MLflow UI has no "
                    "authentication, so anyone who can reach this port can read and edit runs.", err=True)
-    uri = backend_store_uri or default_store_uri()
+    uri = backend_store_uri or default_tracking_uri()
     argv = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
             "--host", host, "--port", str(port), "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
