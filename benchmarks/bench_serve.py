@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -86,27 +85,6 @@ async def load(url: str, clients: int, seconds: float, warmup_s: float, max_new_
             "mean_generate_ms": round(sum(generate_ms) / n, 1) if n else None}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}/healthz did not answer within {timeout_s} s")
-
-
 def run_variant(url: str, args: argparse.Namespace) -> dict:
     """The client side, in a second process (the load generator must not share the server's interpreter)."""
     cmd = [sys.executable, __file__, "--client", url, "--clients", str(args.clients), "--seconds", str(args.seconds),
@@ -145,6 +123,7 @@ def serve_and_measure(args: argparse.Namespace) -> None:
     from bitlm.config import ModelConfig
     from bitlm.model import BitTransformerLM
     from serve.app import build_app
+    from serve.local import free_port, wait_for
 
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
@@ -161,7 +140,7 @@ def serve_and_measure(args: argparse.Namespace) -> None:
                             "num_cpus": args.num_cpus, "max_ongoing_requests": max(64, 2 * args.clients),
                             "max_new_bytes": max(512, args.max_new_bytes)}
                 serve.run(build_app(app_args), name="bench", route_prefix="/", blocking=False)
-                wait_healthy(url)
+                wait_for(f"{url}/healthz", 120)
                 load_before = os.getloadavg()[0]
                 measured = run_variant(url, args)
                 # other work on the machine shows here: compare runs only at similar load

@@ -224,9 +224,11 @@ class BitLMServer:
         if isinstance(outcome, Exception):  # this job alone failed; the rest of its batch was answered
             raise outcome
         verdict = outcome.verdict
-        self.audit.record(request_id, verdict.to_dict(), model=self.name, mode=job.mode, strict=body.strict,
-                          prompt_bytes=len(job.prompt))
-        gate = {k: v for k, v in verdict.to_dict().items() if k != "text"}  # a blocked text must not leave
+        record = verdict.to_dict()
+        # off the event loop: the append waits on a file lock that other replicas may hold
+        await asyncio.to_thread(self.audit.record, request_id, record, model=self.name, mode=job.mode,
+                                strict=body.strict, prompt_bytes=len(job.prompt))
+        gate = {k: v for k, v in record.items() if k != "text"}  # a blocked text must not leave
         if not verdict.passed and body.strict:
             raise ApiError(422, f"safety gate blocked the output after {len(verdict.attempts)} attempt(s): "
                                 f"{'; '.join(verdict.reasons)}", gate=gate, request_id=request_id)

@@ -180,16 +180,14 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
 
 def _serve_one_request(model_dir: Path, out: Path) -> None:
     """Serve the demo model on 127.0.0.1 with Ray Serve, send one gated request, print it, shut down."""
-    import socket
     import urllib.request
 
     from ray import serve as ray_serve
 
     from serve.app import build_app
+    from serve.local import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = build_app({"model": str(model_dir), "allowed_roots": [str(out)], "num_cpus": 0.5,
                      "audit_log": str(out / "serve_audit.jsonl")})
     ray_serve.start(http_options={"host": "127.0.0.1", "port": port})

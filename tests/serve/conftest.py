@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,17 +12,12 @@ import torch
 from bitlm.checkpoint import save_pretrained
 from bitlm.config import ModelConfig
 from bitlm.model import BitTransformerLM
+from serve.local import free_port, wait_for
 
 TOKEN = "test-token-7f3a"
 # Skewed reference marginals: the untrained models' near-uniform bits then score S well below 1,
 # so floors of 1.0 block every sample.
 REFERENCE = [0.2] * 8 + [0.5]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny_model(causal: bool) -> BitTransformerLM:
@@ -77,14 +70,8 @@ def server(ray_local, model_dirs):
     serve.run(build_app({"model": str(diffusion_dir), **common}), name="diffusion", route_prefix="/diffusion",
               blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # both apps answer once their replicas are up
-        try:
-            if all(requests.get(f"{u}/healthz", timeout=5).status_code == 200 for u in (url, f"{url}/diffusion")):
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
+    for u in (url, f"{url}/diffusion"):  # both apps answer once their replicas are up
+        wait_for(f"{u}/healthz", 60)
     yield Server(url=url, diffusion_url=f"{url}/diffusion", audit_log=audit, causal_dir=causal_dir,
                  diffusion_dir=diffusion_dir, limits=LIMITS)
     serve.shutdown()
