@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
+from . import console
 from .generate import generate_command
 from .prepare import prepare_command
 from .score import eval_command
@@ -14,7 +17,10 @@ from .ui import ui_command
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="bitlm")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help=f"Show Ray, Ray Serve and MLflow output in full (also: {console.VERBOSE_ENV}=1).")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """bitlm: train, evaluate and sample bit-native language models.
 
     \b
@@ -25,6 +31,14 @@ def main() -> None:
       bitlm generate runs/s1/model --prompt "ROMEO:" --max-new-bytes 200
       bitlm serve --model runs/s1/model --port 8000
     """
+    if verbose:
+        os.environ[console.VERBOSE_ENV] = "1"  # child processes (a local Ray's workers) see it too
+    if ctx.invoked_subcommand in _RAY_COMMANDS:
+        console.quiet()
+
+
+# Commands that start or join Ray; only these pay for importing it to quiet its output.
+_RAY_COMMANDS = {"train", "demo", "serve", "tune", "cluster", "distill"}
 
 
 main.add_command(prepare_command)
