@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +27,90 @@ def _check(cond: bool, name: str, msg: str) -> None:
 def _check_choice(value: Any, name: str, tp: Any) -> None:
     allowed = typing.get_args(tp)
     _check(value in allowed, name, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_range(value: int, name: str, low: int, high: int) -> None:
+    _check(low <= value <= high, name, f"must be in [{low}, {high}], got {value}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp: Any) -> str:
+    """A declared field type in words: `int`, `int or None`, `one of ['a', 'b']`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    """A value with its type, as a type error quotes it: `str '64'`, `bool True`, `None`."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return "None" if value is None else f"{type(value).__name__} {text}"
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is Literal:
+        return isinstance(value, str) and value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    # bool is a subclass of int: `"batch_size": true` must not train with batch 1
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp in (bool, str) or dataclasses.is_dataclass(tp):
+        return isinstance(value, tp)
+    return True  # no other annotations occur in configs
+
+
+def _takes_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
+
+
+def _check_value(value: Any, tp: Any, name: str) -> None:
+    """Raise a ValueError naming `name` unless `value` has the declared type `tp`.
+
+    Int fields take ints only (not bools, not 64.0), float fields ints or floats that are finite
+    (no field has a use for inf or nan: lr=inf trained to a NaN model), Optional fields None too.
+    """
+    if typing.get_origin(tp) is Literal:
+        _check_choice(value, name, tp)
+        return
+    _check(_matches(value, tp), name, f"expected {_describe(tp)}, got {_show(value)}")
+    if _takes_float(tp) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            _check(math.isfinite(value), name, f"must be finite, got {value}")
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{name}: must be finite, got an int beyond the float range (1.8e308)") from None
+
+
+def _check_fields(cfg: Any, prefix: str) -> None:
+    """Type-check every field of a config instance (`prefix` is its section, e.g. "model.")."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        _check_value(getattr(cfg, f.name), hints[f.name], prefix + f.name)
+
+
+# Upper bounds turn a typo (an extra zero or two in d_model or batch_size) into an error naming the
+# field instead of an out-of-memory crash minutes later; each is far above what fits on one
+# accelerator today (the base preset: d_model 512, 8 layers, at most 4608 positions).
+MODEL_BOUNDS: dict[str, tuple[int, int]] = {
+    "d_model": (1, 65_536), "n_heads": (1, 1024), "n_layers": (1, 1024), "d_ff": (1, 1_048_576),
+    "max_seq_len": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "local_layers": (0, 1024), "n_streams": (1, 1024),
+}
+MAX_BATCH_SIZE = 1_000_000
+# fit derives generator seeds as seed * 1_000_003 + index; below 2**32 those stay inside
+# torch.manual_seed's documented range [-2**63, 2**64 - 1], and every seed is one numpy accepts.
+MAX_SEED = 2 ** 32 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,19 +139,16 @@ class ModelConfig:
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
 
     def __post_init__(self) -> None:
-        _check_choice(self.arch, "model.arch", Arch)
-        _check_choice(self.representation, "model.representation", Representation)
-        for name in ("d_model", "n_heads", "n_layers", "d_ff", "max_seq_len", "local_d_ff"):
-            _check(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check_fields(self, "model.")
+        for name, (low, high) in MODEL_BOUNDS.items():
+            _check_range(getattr(self, name), f"model.{name}", low, high)
         _check(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}, got {self.d_model}")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(self.chunk_size is None or self.chunk_size >= 1, "model.chunk_size",
-               f"must be None or >= 1, got {self.chunk_size}")
+        _check(self.chunk_size is None or 1 <= self.chunk_size <= 2 ** 24, "model.chunk_size",
+               f"must be None or in [1, {2 ** 24}], got {self.chunk_size}")
         _check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
-        _check(self.local_layers >= 0, "model.local_layers", f"must be >= 0, got {self.local_layers}")
-        _check(self.n_streams >= 1, "model.n_streams", f"must be >= 1, got {self.n_streams}")
         _check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
@@ -168,10 +252,13 @@ class TrainConfig:
     compress_ramp_steps: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_every", "eval_every",
-                     "eval_batches", "keep_checkpoints"):
+        _check_fields(self, "train.")
+        _check_range(self.seed, "train.seed", 0, MAX_SEED)
+        _check_range(self.batch_size, "train.batch_size", 1, MAX_BATCH_SIZE)
+        for name in ("grad_accum_steps", "max_steps", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _check(self.context_bytes >= 2, "train.context_bytes", f"must be >= 2, got {self.context_bytes}")
+        # the upper end is the largest model context (model.max_seq_len); ExperimentConfig checks the actual one
+        _check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_seq_len"][1])
         _check(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
                f"must be None or > 0, got {self.max_seconds}")
         _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -179,9 +266,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check_choice(self.schedule, "train.schedule", Schedule)
         _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
-        _check_choice(self.precision, "train.precision", Precision)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         for name in ("lambda_k", "lambda_c", "lambda_s"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
@@ -201,7 +286,7 @@ class DiffusionConfig:
     curriculum: bool = False  # draw heavy noise early in training, uniform by the end
 
     def __post_init__(self) -> None:
-        _check_choice(self.noise_schedule, "diffusion.noise_schedule", NoiseSchedule)
+        _check_fields(self, "diffusion.")
         _check(self.steps >= 1, "diffusion.steps", f"must be >= 1, got {self.steps}")
 
 
@@ -224,13 +309,14 @@ class ScalingConfig:
     rewarm_steps: int = 100  # linear learning-rate warm-up after each expansion
 
     def __post_init__(self) -> None:
+        _check_fields(self, "scaling.")
         _check(self.window >= 1, "scaling.window", f"must be >= 1, got {self.window}")
         _check(self.improve_thresh >= 0, "scaling.improve_thresh", f"must be >= 0, got {self.improve_thresh}")
         kinds = self.kinds
         _check(len(kinds) >= 1, "scaling.order", "must name at least one of depth, width, context")
         for kind in kinds:
             _check_choice(kind, "scaling.order", ExpansionKind)
-        _check(self.add_layers >= 1, "scaling.add_layers", f"must be >= 1, got {self.add_layers}")
+        _check_range(self.add_layers, "scaling.add_layers", 1, MODEL_BOUNDS["n_layers"][1])
         _check(self.max_expansions >= 0, "scaling.max_expansions", f"must be >= 0, got {self.max_expansions}")
         _check(self.max_parameters >= 1, "scaling.max_parameters", f"must be >= 1, got {self.max_parameters}")
         _check(self.max_context_bytes >= 2, "scaling.max_context_bytes",
@@ -253,23 +339,52 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
+    def __post_init__(self) -> None:
+        _check_fields(self, "")
+        # engine.fit refuses the same at start-up; scaling's context expansions later grow
+        # max_seq_len and context_bytes together, so the start has to fit with or without scaling
+        max_bytes = self.model.max_input_ids // self.model.ids_per_byte
+        _check(self.train.context_bytes <= max_bytes, "train.context_bytes",
+               f"must be <= {max_bytes}, the model's context in bytes (model.max_seq_len={self.model.max_seq_len}), "
+               f"got {self.train.context_bytes}")
+
+
+# the dotted prefix that names a section's fields in errors (from_dict(ModelConfig, ...) -> model.d_model)
+_SECTIONS: dict[type, str] = {ModelConfig: "model.", TrainConfig: "train.", DiffusionConfig: "diffusion.",
+                              ScalingConfig: "scaling."}
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config as plain JSON-safe data."""
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass (nested ones included) from `to_dict` output; unknown keys fail."""
-    hints = typing.get_type_hints(cls)
+def from_dict(cls: type, data: Any, prefix: Optional[str] = None) -> Any:
+    """Rebuild a config dataclass (nested ones included) from `to_dict` output.
+
+    Unknown keys fail, and so does a value of the wrong type, naming the dotted field
+    (`model.d_model: expected int, got str '64'`). JSON has types, so they are taken at their word:
+    an int field refuses 64.0 and true, a bool field refuses "false"; a float field takes an int
+    and stores it as a float. `prefix` names the section in errors; by default the one `cls` is.
+    """
+    if prefix is None:
+        prefix = _SECTIONS.get(cls, "")
+    where = prefix.rstrip(".") or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object of fields, got {_show(data)}")
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
-        kwargs[key] = from_dict(tp, value) if dataclasses.is_dataclass(tp) else value
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
+            continue
+        _check_value(value, tp, prefix + key)
+        kwargs[key] = float(value) if _takes_float(tp) and isinstance(value, int) else value
     return cls(**kwargs)
 
 
@@ -308,25 +423,60 @@ def _coerce(value: str, tp: Any, key: str) -> Any:
         if lowered in ("false", "0", "no", "off"):
             return False
         raise ValueError(f"{key}: expected a boolean (true/false), got {value!r}")
-    if tp in (int, float):
+    if tp is int:
+        return _parse_int(value, key)
+    if tp is float:
         try:
-            return tp(float(value)) if tp is int and float(value).is_integer() else tp(value)
+            return float(value)
         except ValueError:
-            raise ValueError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+            raise ValueError(f"{key}: expected float, got {value!r}") from None
     return value
 
 
+def _parse_int(text: str, key: str) -> int:
+    """An int parsed exactly: "2305843009213693953" or an integral "1e3", never through a float.
+
+    A float holds 53 bits, so int(float(text)) turned a seed of 2**60 + 1 into 2**60.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise ValueError(f"{key}: expected int, got {text!r}") from None
+    _check(number.is_finite() and number == number.to_integral_value(), key, f"expected int, got {text!r}")
+    # building the int of "1e999999999" would take minutes and gigabytes; no field comes near 100 digits
+    _check(number.adjusted() < 100, key, f"{text!r} is out of range")
+    return int(number)
+
+
 def apply_overrides(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
-    """Return `cfg` with `key.sub=value` assignments applied (validated by the dataclasses)."""
+    """Return `cfg` with `key.sub=value` assignments applied (validated by the dataclasses).
+
+    The last assignment to a key wins. Every section is rebuilt once with all of its assignments,
+    so checks across fields see the final values whatever the order: train.context_bytes=512 may
+    come before the model.max_seq_len that makes room for it.
+    """
+    changes: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value, e.g. model.n_layers=8")
-        key, value = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), value.strip(), key.strip())
-    return cfg
+        key, value = (part.strip() for part in item.split("=", 1))
+        path = key.split(".")
+        tp = _field_type(cfg, path, key)
+        coerced = _coerce(value, tp, key)
+        _check_value(coerced, tp, key)
+        node = changes
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = coerced
+    return _replace_nested(cfg, changes) if changes else cfg
 
 
-def _set_path(cfg: Any, path: list[str], value: str, full_key: str) -> Any:
+def _field_type(cfg: Any, path: list[str], full_key: str) -> Any:
+    """The declared type of the scalar field that `path` names in `cfg`."""
     names = {f.name for f in dataclasses.fields(cfg)}
     if path[0] not in names:
         raise ValueError(f"override {full_key!r}: {type(cfg).__name__} has no field {path[0]!r}; "
@@ -335,8 +485,14 @@ def _set_path(cfg: Any, path: list[str], value: str, full_key: str) -> Any:
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"override {full_key!r}: {path[0]!r} is not a config section")
-        return dataclasses.replace(cfg, **{path[0]: _set_path(current, path[1:], value, full_key)})
+        return _field_type(current, path[1:], full_key)
     if dataclasses.is_dataclass(current):
         raise ValueError(f"override {full_key!r}: {path[0]!r} is a section; set one of its fields")
-    tp = typing.get_type_hints(type(cfg))[path[0]]
-    return dataclasses.replace(cfg, **{path[0]: _coerce(value, tp, full_key)})
+    return _hints(type(cfg))[path[0]]
+
+
+def _replace_nested(cfg: Any, changes: dict[str, Any]) -> Any:
+    # a dict in `changes` is a section's assignments: field values are never dicts
+    return dataclasses.replace(cfg, **{
+        name: _replace_nested(getattr(cfg, name), sub) if isinstance(sub, dict) else sub
+        for name, sub in changes.items()})

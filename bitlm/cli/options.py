@@ -24,7 +24,7 @@ def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: t
     """
     try:
         if config_file:
-            cfg = from_dict(cls, json.loads(Path(config_file).read_text()))
+            cfg = config_from_file(cls, config_file)
         else:
             cfg = apply_overrides(cls(model=ModelConfig.from_name(preset, kind=kind)), defaults)
         if minutes is not None:
@@ -35,6 +35,20 @@ def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: t
         return apply_overrides(cfg, sets)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+
+
+def config_from_file(cls: type, path: str):
+    """A `cls` config from a --config JSON file; every error is one ValueError line naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # ValueError: malformed JSON or not UTF-8
+        raise ValueError(f"{path}: not a readable JSON config ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object with sections model/train/..., got {type(data).__name__}")
+    try:
+        return from_dict(cls, data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def model_options(fn):

@@ -219,6 +219,18 @@ def test_overrides_apply_in_order_and_leave_other_fields_alone():
                                train=dataclasses.replace(cfg.train, lr=base.train.lr)) == base
 
 
+@pytest.mark.parametrize("assignments", [
+    pytest.param(["model.n_heads=3", "model.d_model=96"], id="within-a-section"),
+    pytest.param(["train.context_bytes=256", "model.max_seq_len=256"], id="across-sections"),
+])
+def test_overrides_are_validated_together_whatever_their_order(assignments):
+    # each assignment alone breaks a cross-field check (64 % 3, a 256-byte context in 128) that the pair satisfies
+    base = ExperimentConfig(model=ModelConfig.from_name("tiny", kind="patched"))
+    for order in (assignments, assignments[::-1]):
+        flat = flatten(apply_overrides(base, order))
+        assert [f"{key}={flat[key]}" for key in (a.split("=")[0] for a in assignments)] == assignments
+
+
 def test_overrides_return_a_new_config_and_leave_the_input_unchanged():
     base = ExperimentConfig()
     cfg = apply_overrides(base, ["model.n_layers=8"])
