@@ -236,11 +236,13 @@ def _mlflow_run_id(cfg: PipelineConfig, run_dir: Path, uri: str) -> Optional[str
     return tracker.run_id
 
 
-def train_driver(cfg: PipelineConfig):
+def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: Optional[str] = None):
     """Run one training run on the connected Ray cluster; returns the ray.train.Result.
 
     The final model is logged to MLflow as a pyfunc model whose artifact is its save_pretrained
     directory (and registered when run.register_model is set); <run dir>/model holds a copy.
+    `callbacks` go to Ray Train's RunConfig (a Tune trial passes its TuneReportCallback);
+    `mlflow_run_id` names an existing MLflow run to log into (a Tune trial's child run).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -256,7 +258,7 @@ def train_driver(cfg: PipelineConfig):
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=data))
     run_dir = run_directory(cfg)
     uri = tracking_uri()
-    run_id = _mlflow_run_id(cfg, run_dir, uri)
+    run_id = mlflow_run_id if mlflow_run_id and cfg.run.tracking else _mlflow_run_id(cfg, run_dir, uri)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": uri,
@@ -265,7 +267,7 @@ def train_driver(cfg: PipelineConfig):
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=str(run_dir.parent),
+            name=cfg.run.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
             logging_config=LoggingConfig(log_level="WARNING")),  # our reporter prints the evaluations

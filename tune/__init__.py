@@ -1,0 +1,1 @@
+"""Ray Tune searches over the dotted config keys: named spaces (tune.spaces) and the Tuner (tune.search)."""
