@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
@@ -28,6 +29,13 @@ from .parallel import cpu_state, load_named_optimizer_state, named_optimizer_sta
 
 FORMAT = "bitlm/1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_CHECKPOINT_DIR = re.compile(r"^(step-\d{8}|checkpoint_\d+)$")  # train --local's, Ray Train's
+WEIGHTS = "model.safetensors"
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint directory that cannot be loaded or resumed; the message names the path and the fault."""
 
 
 @contextlib.contextmanager
@@ -69,28 +77,147 @@ def save_pretrained(model, directory: str | Path) -> Path:
 
 
 def read_config(directory: str | Path) -> ModelConfig:
-    """The ModelConfig stored in a pretrained or checkpoint directory."""
+    """The ModelConfig stored in a pretrained or checkpoint directory.
+
+    FileNotFoundError when it has no config.json; CheckpointError, naming the file, when that cannot be used.
+    """
     path = Path(directory) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a bitlm model directory")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except ValueError as err:  # malformed JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not a bitlm model config")
     if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}")
-    return from_dict(ModelConfig, data["model"])
+        run = " (a training run's config, not a model's; the run has no model/ or checkpoint yet)" \
+            if "train" in data else ""
+        raise CheckpointError(f"{path}: format {data.get('format')!r} is not {FORMAT!r}{run}")
+    if not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: 'model' must be an object of ModelConfig fields")
+    try:
+        return from_dict(ModelConfig, data["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def resolve_pretrained(path: str | Path) -> Path:
+    """The model directory `path` names: itself, or in a run directory its model/, else its newest checkpoint.
+
+    Run directories are `bitlm train` output (model/, checkpoints/step-N), Ray Train runs
+    (checkpoint_N) and downloaded MLflow pyfunc models (artifacts/model).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory" if path.exists() else f"{path}: no such directory")
+    if (path / WEIGHTS).exists():
+        return path
+    for sub in (path / "model", path / "artifacts" / "model"):
+        if (sub / "config.json").is_file():
+            return sub
+    for root in (path, path / "checkpoints"):
+        found = [p for p in root.iterdir() if p.is_dir() and _CHECKPOINT_DIR.match(p.name)] if root.is_dir() else []
+        if found:
+            return max(found, key=lambda p: int(re.sub(r"\D", "", p.name)))
+    return path  # validate_pretrained says what it lacks
+
+
+def validate_pretrained(directory: str | Path) -> ModelConfig:
+    """Check a model directory without loading its weights; returns its ModelConfig.
+
+    config.json must parse, and model.safetensors must be a complete safetensors file whose tensor
+    names and shapes are those of the model the config describes (read from its header). Raises
+    CheckpointError naming the file and what is wrong with it.
+    """
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise CheckpointError(f"{directory}: no config.json: not a bitlm model directory "
+                              "(nor a run directory with model/ or checkpoints)")
+    config = read_config(directory)
+    check_weights(directory, config)
+    return config
+
+
+def check_weights(directory: str | Path, config: ModelConfig) -> None:
+    """CheckpointError unless directory/model.safetensors holds exactly the tensors of `config`'s model."""
+    directory = Path(directory)
+    path = directory / WEIGHTS
+    if not path.is_file():
+        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise CheckpointError(f"{directory}: holds pickled weights {pickled}; only {WEIGHTS} is loaded "
+                                  "(pickles can run code): convert with bitlm's save_pretrained")
+        raise CheckpointError(f"{path}: not a file" if path.exists() else f"{path}: not found")
+    found = _tensor_shapes(path)
+    expected = _model_shapes(config, directory / "config.json")
+    faults = []
+    if missing := sorted(set(expected) - set(found)):
+        faults.append(f"missing {_some(missing)}")
+    if unexpected := sorted(set(found) - set(expected)):
+        faults.append(f"unexpected {_some(unexpected)}")
+    if wrong := [f"{k} {found[k]} (not {expected[k]})" for k in sorted(set(found) & set(expected))
+                 if found[k] != expected[k]]:
+        faults.append(f"shapes {_some(wrong)}")
+    if faults:
+        raise CheckpointError(f"{path}: does not match the model in config.json ({'; '.join(faults)})")
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor names and shapes from a safetensors header (the tensors themselves are not read)."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+        if magic[:2] == b"PK" or magic[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+            raise CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors; pickles can run code "
+                                  "and are never loaded")
+        with safe_open(str(path), framework="pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: truncated or not a safetensors file ({path.stat().st_size} bytes; "
+                              f"{str(err).removeprefix('Error while deserializing header: ')})") from None
+
+
+def _model_shapes(config: ModelConfig, source: Path) -> dict[str, list[int]]:
+    """Parameter and buffer shapes of the model `config` builds, on the meta device (nothing is allocated)."""
+    from .model import BitTransformerLM  # model imports codec/telemetry; keep this module light
+
+    try:
+        with torch.device("meta"):
+            state = BitTransformerLM(config).state_dict()
+    except Exception as err:  # noqa: BLE001 - whatever stops the model from being built, said in one line
+        raise CheckpointError(f"{source}: the model it describes cannot be built ({type(err).__name__}: {err})") \
+            from None
+    return {k: list(v.shape) for k, v in state.items()}
 
 
 def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"):
-    """Load a model saved by save_pretrained (or any checkpoint directory)."""
-    from .model import BitTransformerLM  # model imports codec/telemetry; keep this module light
+    """Load a model saved by save_pretrained (or any checkpoint directory); CheckpointError names a bad file."""
+    from .model import BitTransformerLM
 
-    model = BitTransformerLM(read_config(directory))
+    config = read_config(directory)
+    check_weights(directory, config)  # one line naming the file, before a loader's traceback
+    model = BitTransformerLM(config)
     load_weights(model, directory)
     return model.to(device)
 
 
 def load_weights(model, directory: str | Path) -> None:
     """Copy model.safetensors into an existing model; shapes and names must match exactly."""
-    load_state(model, load_file(str(Path(directory) / "model.safetensors")), source=directory)
+    path = Path(directory) / WEIGHTS
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot be loaded ({err})") from None
+    load_state(model, state, source=directory)
 
 
 def load_state(model, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
