@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -32,10 +33,16 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _CHECKPOINT_DIR = re.compile(r"^(step-\d{8}|checkpoint_\d+)$")  # train --local's, Ray Train's
 WEIGHTS = "model.safetensors"
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_CHECKPOINT_FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "optimizer.json",
+                     "trainer_state.json", "rng.safetensors")
 
 
 class CheckpointError(ValueError):
     """A model or checkpoint directory that cannot be loaded or resumed; the message names the path and the fault."""
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped on resume in favour of an older, loadable one."""
 
 
 @contextlib.contextmanager
@@ -309,8 +316,106 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+    """The newest checkpoint under `root` that can be resumed from, or None when there is none.
+
+    A damaged newer one (a missing, truncated or malformed file) is skipped with a CheckpointWarning
+    naming it; when every checkpoint is damaged, CheckpointError lists them.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            for bad, why in skipped:
+                warnings.warn(f"skipping damaged checkpoint {bad}: {why}; resuming from {path.name}",
+                              CheckpointWarning, stacklevel=2)
+            return path
+        skipped.append((path, problem))
+    if skipped:
+        listed = "; ".join(f"{path.name}: {why}" for path, why in skipped)
+        raise CheckpointError(f"{root}: no checkpoint can be resumed from ({listed}); "
+                              "start a new run (--no-resume, or another directory)")
+    return None
+
+
+def checkpoint_problem(directory: str | Path) -> Optional[str]:
+    """What keeps a checkpoint directory from being resumed (a missing, truncated or malformed file), or None.
+
+    Reads the JSON files and the safetensors headers, not the tensors: cheap for any model size.
+    """
+    directory = Path(directory)
+    for name in _CHECKPOINT_FILES:
+        if not (directory / name).is_file():
+            return f"{name} is missing"
+    documents = {}
+    for name in ("config.json", "optimizer.json", "trainer_state.json"):
+        try:
+            documents[name] = json.loads((directory / name).read_bytes())
+        except (OSError, ValueError) as err:
+            return f"{name} is not valid JSON ({err})"
+        if not isinstance(documents[name], dict):
+            return f"{name} holds a JSON {type(documents[name]).__name__}, not an object"
+    try:
+        check_weights(directory, read_config(directory))  # names, shapes, truncation, pickles
+    except (OSError, ValueError) as err:  # CheckpointError is a ValueError
+        return str(err).replace(f"{directory}{os.sep}", "")  # the caller names the directory
+    trainer = documents["trainer_state.json"]
+    for key, kind in (("step", int), ("train_seconds", (int, float)), ("history", list)):
+        if not isinstance(trainer.get(key), kind) or isinstance(trainer.get(key), bool):
+            return f"trainer_state.json: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
+    meta = documents["optimizer.json"]
+    if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("scalars"), dict):
+        return "optimizer.json: 'param_groups' (a list) or 'scalars' (an object) is missing"
+    for name in ("optimizer.safetensors", "rng.safetensors"):
+        problem = _safetensors_problem(directory / name)
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete safetensors file (its header is read, its tensors are not), or None."""
+    size = path.stat().st_size
+    if size < 8:
+        return f"is truncated ({size} bytes)"
+    with path.open("rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size > size - 8:
+            return f"is truncated or not a safetensors file (a {header_size}-byte header in {size} bytes)"
+        try:
+            header = json.loads(f.read(header_size))
+            end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                      default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "is not a safetensors file (its header is not valid)"
+    expected = 8 + header_size + end
+    if size != expected:
+        return f"is truncated ({size} of {expected} bytes)" if size < expected else \
+            f"has {size - expected} bytes after its tensors"
+    return None
+
+
+def remove_stale_temporaries(root: str | Path, targets: str = r"step-\d{8}") -> list[Path]:
+    """Remove what an interrupted atomic_directory left next to the directories named `targets` under `root`.
+
+    A ".<target>.old" whose <target> is gone (a kill between the two renames) is put back instead.
+    Call it only where `root` has one writer, before that writer starts: a live write's temp dir
+    looks the same. Returns the removed paths.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(rf"^\.({targets})\.(.+)$")
+    entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and pattern.match(p.name))
+    removed = []
+    for path in entries:  # first put back a lone .old: it is the only copy of its target
+        name, suffix = pattern.match(path.name).group(1, 2)
+        if suffix == "old" and not (root / name).exists():
+            os.replace(path, root / name)
+    for path in entries:
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def prune_checkpoints(root: str | Path, keep: int) -> None:

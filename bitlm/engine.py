@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
 from .config import DiffusionConfig, ScalingConfig, TrainConfig, to_dict
@@ -31,6 +32,16 @@ passes a directory. A scaling event carries metrics["event"] == "expand" and "sc
 """
 
 TELEMETRY_KEYS = ("val/K", "val/C", "val/S")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss, gradient norm or weights and stopped; no checkpoint of them was written."""
+
+    def __init__(self, step: int, what: str, checkpoint: Optional[Path]):
+        self.step, self.what, self.checkpoint = step, what, checkpoint
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint was written"
+        super().__init__(f"training step {step}: {what}; training stopped and {kept} "
+                         "(a smaller train.lr, train.lambda_k/c/s or train.grad_clip usually helps)")
 
 
 class MetricDriftWarning(UserWarning):
@@ -116,6 +127,14 @@ def telemetry_means(model, byte_batch: torch.Tensor) -> dict[str, float]:
             "S": float(tel["symbiosis"].mean())}
 
 
+def _non_finite_weight(state: dict[str, torch.Tensor]) -> Optional[str]:
+    """The name of the first floating-point tensor of `state` holding a nan or inf, or None."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
 def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig] = None,
         report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
         device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
@@ -128,7 +147,12 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
 
     With `checkpoint_dir`, the writer rank saves step-NNNNNNNN/ checkpoints there and, when `resume`,
     training continues from the newest one (or from `resume_from`): same data order, optimizer and
-    RNG state, so the loss curve is the one an uninterrupted run would have produced.
+    RNG state, so the loss curve is the one an uninterrupted run would have produced. A damaged
+    newer checkpoint is skipped with a CheckpointWarning (none loadable: CheckpointError), and
+    temp directories that a kill during a save left behind are removed first.
+
+    A non-finite loss, gradient norm, validation loss or weight stops training with
+    NonFiniteLossError before anything of it is saved; the checkpoints on disk stay the good ones.
 
     `strategy` (bitlm.parallel) says how this rank holds the model (DDP, FSDP, a pipeline stage);
     its rank and world size override `rank`/`world_size`. `scaling` grows the model when the
@@ -143,16 +167,17 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
 
     step, train_seconds, history, expansions = 0, 0.0, [], []
     context_bytes = cfg.context_bytes
+    if checkpoint_dir is not None and strategy.writes_checkpoints:
+        ckpt.remove_stale_temporaries(checkpoint_dir)  # left by a kill during a save; this rank is the one writer
     latest = Path(resume_from) if resume_from else (
         ckpt.latest_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None)
     saved = None
     if latest is not None:
-        saved = ckpt.read_checkpoint(latest)
+        saved, saved_config = _read_resume_point(latest)
         trainer = saved[2]
         step, train_seconds, history = trainer["step"], trainer["train_seconds"], trainer["history"]
         expansions = trainer.get("expansions", [])
         context_bytes = trainer.get("context_bytes", context_bytes)
-        saved_config = ckpt.read_config(latest)
         if saved_config != model.config:
             if not grown_from(model.config, saved_config):
                 raise ValueError(f"{latest}: the checkpoint holds a different model ({saved_config}) than the one "
@@ -238,6 +263,9 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         gathered = strategy.full_state(base, optimizer)  # collective: every rank takes part
         path = None
         if strategy.writes_checkpoints:
+            bad = _non_finite_weight(gathered[0] if gathered is not None else base.state_dict())
+            if bad is not None:
+                raise NonFiniteLossError(step, f"weight {bad} is not finite after the optimizer step", last_checkpoint)
             trainer = {"step": step, "train_seconds": train_seconds, "history": history, "train": to_dict(cfg),
                        "context_bytes": context_bytes, "expansions": expansions}
             if scaling.enabled:
@@ -259,7 +287,10 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             if strategy.owns_backward:
                 with autocast():
                     out = strategy.forward_backward(next(batches), 1.0 / cfg.grad_accum_steps)
-                window_loss += float(out.loss) / cfg.grad_accum_steps
+                loss_value = float(out.loss)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(step + 1, f"the training loss is {loss_value}", last_checkpoint)
+                window_loss += loss_value / cfg.grad_accum_steps
                 window_bits += float(out.nll_bits)
                 window_bytes += out.n_bytes
                 continue
@@ -268,12 +299,20 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                 penalty = telemetry_penalty(out, base.reference_marginals, base.config.bits_per_byte,
                                             lambda_k=cfg.lambda_k, lambda_c=cfg.lambda_c, lambda_s=cfg.lambda_s)
             ((out.loss if penalty is None else out.loss + penalty) / cfg.grad_accum_steps).backward()
-            window_loss += float(out.loss.detach()) / cfg.grad_accum_steps
+            loss_value = float(out.loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(step + 1, f"the training loss is {loss_value}", last_checkpoint)
+            if penalty is not None and not math.isfinite(penalty_value := float(penalty.detach())):
+                raise NonFiniteLossError(step + 1, f"the telemetry penalty (train.lambda_k/c/s) is {penalty_value}",
+                                         last_checkpoint)
+            window_loss += loss_value / cfg.grad_accum_steps
             window_bits += float(out.nll_bits)
             window_bytes += out.n_bytes
             for key, value in stats.items():
                 window_stats[key] = window_stats.get(key, 0.0) + value / cfg.grad_accum_steps
         grad_norm = strategy.clip_grad_norm(base, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if grad_norm is not None and not math.isfinite(grad_norm := float(grad_norm)):
+            raise NonFiniteLossError(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -305,6 +344,8 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         if step % cfg.eval_every == 0 or final:
             metrics = evaluate_fn(base, corpus, eval_cfg, autocast, diffusion) | {
                 "step": step, "train_seconds": train_seconds, "bytes_seen": bytes_seen}
+            if not math.isfinite(_val_loss(metrics)):
+                raise NonFiniteLossError(step, f"the validation loss is {_val_loss(metrics)}", last_checkpoint)
             history.append(metrics)
             metrics |= _drift(history, cfg)
             emit(metrics, None)
@@ -334,6 +375,17 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         bar.close()
     return FitResult(step=step, train_seconds=train_seconds, metrics=metrics, history=history,
                      checkpoint=last_checkpoint, model=base, expansions=expansions)
+
+
+def _read_resume_point(path: Path):
+    """(model state, optimizer state, trainer state) and the ModelConfig of a checkpoint, or CheckpointError."""
+    problem = ckpt.checkpoint_problem(path)
+    if problem is not None:
+        raise ckpt.CheckpointError(f"{path}: cannot resume from it: {problem}")
+    try:
+        return ckpt.read_checkpoint(path), ckpt.read_config(path)
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raise ckpt.CheckpointError(f"{path}: cannot resume from it: {err}") from None
 
 
 def _check_context(model, context_bytes: int) -> None:
