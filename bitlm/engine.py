@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from . import checkpoint as ckpt
 from .config import DiffusionConfig, ScalingConfig, TrainConfig, to_dict
 from .diffusion import diffusion_loss, evaluate_elbo
-from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb, model_inputs,
+from .evaluation import data_telemetry, prediction_telemetry
+from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb,
                         stream_loss, telemetry_penalty)
 from .parallel import Strategy
 from .scaling import PlateauDetector, expanded_lr_scale, grow, grown_from
@@ -31,7 +32,7 @@ Every rank calls it the same number of times (Ray Train's rule); only the checkp
 passes a directory. A scaling event carries metrics["event"] == "expand" and "scaling/kind".
 """
 
-TELEMETRY_KEYS = ("val/K", "val/C", "val/S")
+TELEMETRY_KEYS = ("val/K", "val/C", "val/S")  # of the model's predictions; data/C and data/S are the data's
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +58,8 @@ class FitResult:
     checkpoint: Optional[Path] = None
     model: Any = None  # the trained model: a new, larger one when progressive scaling grew it
     expansions: list[dict[str, Any]] = field(default_factory=list)
+    # data/C and data/S: C and S of the validation bits themselves, beside the model's val/C and val/S
+    data_reference: dict[str, float] = field(default_factory=dict)
 
 
 def compress_probability(cfg: TrainConfig, step: int) -> float:
@@ -113,18 +116,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
-@torch.no_grad()
-def telemetry_means(model, byte_batch: torch.Tensor) -> dict[str, float]:
-    """Mean K, C, S of the model on one byte batch."""
-    was_training = model.training
-    model.eval()
-    try:
-        ids = model_inputs(model, byte_batch.to(next(model.parameters()).device))
-        _, tel = model(ids, return_telemetry=True)
-    finally:
-        model.train(was_training)
-    return {"K": float(tel["negentropy"].mean()), "C": float(tel["lz_complexity"].mean()),
-            "S": float(tel["symbiosis"].mean())}
+def telemetry_means(model, byte_batch: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+    """Mean K, C, S of what the model predicts for one byte batch (bitlm.evaluation.prediction_telemetry)."""
+    return prediction_telemetry(model, byte_batch, seed=seed)
 
 
 def _non_finite_weight(state: dict[str, torch.Tensor]) -> Optional[str]:
@@ -254,6 +248,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
     window_stats: dict[str, float] = {}  # per-step means of objective statistics (compression)
     last_checkpoint = latest
+    data_reference: Optional[dict[str, float]] = None
     metrics: dict[str, float] = history[-1] if history else {}
 
     def save(final: bool) -> None:
@@ -346,6 +341,9 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                 "step": step, "train_seconds": train_seconds, "bytes_seen": bytes_seen}
             if not math.isfinite(_val_loss(metrics)):
                 raise NonFiniteLossError(step, f"the validation loss is {_val_loss(metrics)}", last_checkpoint)
+            if data_reference is None or final:  # the data's own C and S: measured once (per context size),
+                data_reference = data_reference or _data_reference(base, corpus, eval_cfg)
+                metrics |= data_reference  # reported at the first and the last evaluation
             history.append(metrics)
             metrics |= _drift(history, cfg)
             emit(metrics, None)
@@ -363,6 +361,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                     if event["kind"] == "context":
                         context_bytes *= 2
                         eval_cfg = dataclasses.replace(eval_cfg, context_bytes=context_bytes)
+                        data_reference = None  # longer windows: the data's C and S are measured again
                         batches = make_batches(context_bytes)
                     emit({"step": step, "event": "expand", "scaling/kind": event["kind"],
                           "scaling/expansions": len(expansions), "scaling/logit_change": event["logit_change"],
@@ -374,7 +373,7 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     if bar is not None:
         bar.close()
     return FitResult(step=step, train_seconds=train_seconds, metrics=metrics, history=history,
-                     checkpoint=last_checkpoint, model=base, expansions=expansions)
+                     checkpoint=last_checkpoint, model=base, expansions=expansions, data_reference=data_reference or {})
 
 
 def _read_resume_point(path: Path):
@@ -401,7 +400,8 @@ def _val_loss(metrics: dict[str, float]) -> float:
 
 def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None
              ) -> dict[str, float]:
-    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.eval_batches batches, plus K/C/S."""
+    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.eval_batches batches, plus K/C/S of the
+    model's predictions on the first batch."""
     val = corpus.val if corpus.val.n_windows else corpus.train
     batches = list(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=cfg.eval_batches))
     if model.config.causal:
@@ -411,8 +411,15 @@ def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional
         schedule = (diffusion or DiffusionConfig()).noise_schedule
         result = evaluate_elbo(model, batches, schedule=schedule, seed=cfg.seed)
         scores = {"val/elbo_bpb": result["elbo_bpb"], "val/n_bytes": result["n_bytes"]}
-    tel = telemetry_means(model, batches[0])
+    tel = telemetry_means(model, batches[0], seed=cfg.seed)
     return scores | {"val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}
+
+
+def _data_reference(model, corpus, cfg: TrainConfig) -> dict[str, float]:
+    """data/C and data/S: C and S of the first validation batch's own bits, the ones evaluate's val/C and val/S predict."""
+    val = corpus.val if corpus.val.n_windows else corpus.train
+    first = next(iter(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=1)))
+    return {f"data/{name}": value for name, value in data_telemetry(model, first).items()}
 
 
 def _drift(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, float]:

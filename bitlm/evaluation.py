@@ -1,4 +1,4 @@
-"""Scoring a whole text: bits per byte over sliding windows, and K/C/S over fixed-size windows."""
+"""Scoring: bpb of a whole text over sliding windows, K/C/S of a text and of what a model predicts for a batch."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from . import telemetry as tm
-from .codec import bytes_to_bits
-from .diffusion import evaluate_elbo
-from .objective import LN2
+from .codec import bit_table, bytes_to_bit_tensor, bytes_to_bits
+from .diffusion import _mask_exactly, evaluate_elbo
+from .model import MASK
+from .objective import LN2, model_inputs
 from .sampling import infer_long_sequence
 
 TELEMETRY_WINDOW_BYTES = 512  # the window the K/C/S calibration in DESIGN.md was measured on
@@ -66,3 +67,73 @@ def _telemetry_of_text(model, data: bytes, logits: torch.Tensor | None = None) -
     c, s = tm.complexity_and_symbiosis(bytes_to_bits(data, parity=cfg.parity), model.reference_marginals.cpu().numpy(),
                                        cfg.bits_per_byte, TELEMETRY_WINDOW_BYTES)
     return {"K": negentropy, "C": c, "S": s}
+
+
+@torch.no_grad()
+def prediction_telemetry(model, byte_batch: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+    """Mean K, C and S of what the model predicts for a (B, L) byte batch, teacher-forced (eval mode).
+
+    Causal: the prediction of every bit of bytes 1..L-1 (the bits bpb scores) from the bits before
+    it; C is the LZ complexity of the argmax bits, S compares the mean predicted P(bit=1) per byte
+    phase with the reference marginals. The byte baseline's bit probabilities are sums of its
+    256-way distribution (its K stays the byte entropy / 8). Diffusion: half of the bits (bytes,
+    patched) masked by a mask seeded with `seed`; K and S read the masked positions, C the bits
+    with the masked ones replaced by the argmax.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        ids = model_inputs(model, byte_batch.to(next(model.parameters()).device))
+        if model.config.causal:
+            return causal_prediction_telemetry(model, ids, model(ids)[0])
+        return _diffusion_prediction_telemetry(model, ids, seed)
+    finally:
+        model.train(was_training)
+
+
+def causal_prediction_telemetry(model, ids: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """prediction_telemetry of a causal model from its input ids (B, T) and the logits (B, T, V) it gave for them."""
+    cfg = model.config
+    bpb = cfg.bits_per_byte
+    if cfg.representation == "bit":
+        scored = logits[:, bpb - 1:-1].float()  # logits[:, t] predicts bit t + 1: from byte 1's first bit
+        p_one, predicted = scored.softmax(-1)[..., 1], scored.argmax(-1)
+        k = None
+    else:
+        probs = logits[:, :-1].float().softmax(-1)  # (B, L-1, 256): bytes 1..L-1
+        table = bit_table(cfg.parity, probs.device).to(probs.dtype)  # (256, bpb)
+        p_one = (probs @ table).flatten(1)  # P(bit=1) = the mass of the bytes with that bit set
+        predicted = table[probs.argmax(-1)].flatten(1).long()
+        k = float(tm.byte_negentropy(probs).mean())
+    tel = tm.prediction_summary(p_one, predicted, model.reference_marginals, bpb)
+    return _means(tel) | ({} if k is None else {"K": k})
+
+
+def _diffusion_prediction_telemetry(model, ids: torch.Tensor, seed: int) -> dict[str, float]:
+    cfg = model.config
+    bpb, byte_level = cfg.bits_per_byte, cfg.arch == "patched"
+    n_units = ids.shape[1] // bpb if byte_level else ids.shape[1]
+    counts = torch.full((ids.shape[0],), max(1, n_units // 2))
+    masked = _mask_exactly(counts, n_units, torch.Generator().manual_seed(seed)).to(ids.device)
+    if byte_level:
+        masked = masked.repeat_interleave(bpb, dim=1)
+    logits, _ = model(torch.where(masked, torch.full_like(ids, MASK), ids), causal=False,
+                      **({"local_prefix": ids} if byte_level else {}))
+    p_one = logits.float().softmax(-1)[..., 1]
+    predicted = torch.where(masked, logits.argmax(-1), ids)
+    return _means(tm.prediction_summary(p_one, predicted, model.reference_marginals, bpb, weight=masked))
+
+
+def data_telemetry(model, byte_batch: torch.Tensor) -> dict[str, float]:
+    """Mean C and S of the bits prediction_telemetry predicts, read from the batch itself: the data's reference."""
+    cfg = model.config
+    scored = byte_batch if not cfg.causal else byte_batch[:, 1:]  # causal: byte 0 is not predicted
+    bits = bytes_to_bit_tensor(scored.cpu(), parity=cfg.parity).numpy()
+    reference = model.reference_marginals.cpu().numpy()
+    return {"C": float(tm.lz_complexity_batch(bits).mean()),
+            "S": float(np.mean(tm.symbiosis(bits, reference, cfg.bits_per_byte)))}
+
+
+def _means(tel: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {"K": float(tel["negentropy"].mean()), "C": float(tel["lz_complexity"].mean()),
+            "S": float(tel["symbiosis"].mean())}

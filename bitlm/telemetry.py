@@ -241,6 +241,37 @@ def telemetry_summary(
     }
 
 
+def prediction_summary(p_one: torch.Tensor, predicted_bits: torch.Tensor, reference: ArrayLike, bits_per_byte: int,
+                       weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """K, C and S of what a model predicts, not of the bits it read; detached float32 (B,) tensors.
+
+    p_one (B, T) is the predicted P(bit=1) and predicted_bits (B, T) the sequence it predicts, column 0
+    at byte phase 0; weight (B, T) of 0/1 picks the predicted positions (default: all). K is the
+    negentropy of p_one, C the LZ complexity of predicted_bits, and S = exp(-sum_j KL(q_j || r_j))
+    with q_j = (expected ones at phase j + 1) / (picked positions at phase j + 2): symbiosis's
+    smoothed frequency with the predicted P(bit=1) in place of the bits, so a model that predicts
+    the bits exactly reads the C and S of the bits themselves. A phase without a picked position
+    contributes nothing to S.
+    """
+    if tuple(predicted_bits.shape) != tuple(p_one.shape) or p_one.dim() != 2:
+        raise ValueError(f"p_one and predicted_bits must share one (B, T) shape, "
+                         f"got {tuple(p_one.shape)} and {tuple(predicted_bits.shape)}")
+    _check_bpb(bits_per_byte)
+    p = p_one.detach().double().clamp(_PROXY_EPS, 1.0 - _PROXY_EPS)
+    w = torch.ones_like(p) if weight is None else weight.detach().to(p)
+    ref = torch.as_tensor(_check_reference(reference, bits_per_byte), dtype=p.dtype, device=p.device)
+    h = -(p * torch.log2(p) + (1.0 - p) * torch.log2(1.0 - p))
+    k = 1.0 - (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+    onehot = (torch.arange(p.shape[1], device=p.device)[:, None] % bits_per_byte
+              == torch.arange(bits_per_byte, device=p.device)).to(p.dtype)  # (T, bpb)
+    counts = w @ onehot  # (B, bpb)
+    q = ((p * w) @ onehot + 1.0) / (counts + 2.0)
+    s = torch.exp(-(bernoulli_kl(q, ref[None, :]) * (counts > 0).to(p.dtype)).sum(dim=1))
+    c = lz_complexity_batch(predicted_bits)
+    return {"negentropy": k.float(), "lz_complexity": torch.as_tensor(c, dtype=torch.float32, device=p.device),
+            "symbiosis": s.float()}
+
+
 def detect_metric_drift(
     history: Sequence[Mapping[str, float]], window: int = 100, threshold: float = 0.2
 ) -> dict[str, float]:
