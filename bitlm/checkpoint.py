@@ -269,8 +269,14 @@ def save_checkpoint(directory: str | Path, model, optimizer: torch.optim.Optimiz
 
 
 def read_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict]:
-    """(model state, named optimizer state, trainer state) of a checkpoint directory, on CPU."""
+    """(model state, named optimizer state, trainer state) of a checkpoint directory, on CPU.
+
+    CheckpointError, naming the directory and the file, when a file is missing or damaged.
+    """
     directory = Path(directory)
+    problem = checkpoint_problem(directory, by_fit=False)
+    if problem is not None:
+        raise CheckpointError(f"{directory}: {problem}")
     model_state = load_file(str(directory / "model.safetensors"))
     meta = json.loads((directory / "optimizer.json").read_text())
     state: dict[str, dict[str, Any]] = {}
@@ -337,10 +343,11 @@ def latest_checkpoint(root: str | Path) -> Optional[Path]:
     return None
 
 
-def checkpoint_problem(directory: str | Path) -> Optional[str]:
+def checkpoint_problem(directory: str | Path, *, by_fit: bool = True) -> Optional[str]:
     """What keeps a checkpoint directory from being resumed (a missing, truncated or malformed file), or None.
 
     Reads the JSON files and the safetensors headers, not the tensors: cheap for any model size.
+    by_fit: the trainer state must also hold what engine.fit resumes from (step, train_seconds, history).
     """
     directory = Path(directory)
     for name in _CHECKPOINT_FILES:
@@ -359,7 +366,8 @@ def checkpoint_problem(directory: str | Path) -> Optional[str]:
     except (OSError, ValueError) as err:  # CheckpointError is a ValueError
         return str(err).replace(f"{directory}{os.sep}", "")  # the caller names the directory
     trainer = documents["trainer_state.json"]
-    for key, kind in (("step", int), ("train_seconds", (int, float)), ("history", list)):
+    required = (("step", int), ("train_seconds", (int, float)), ("history", list)) if by_fit else ()
+    for key, kind in required:
         if not isinstance(trainer.get(key), kind) or isinstance(trainer.get(key), bool):
             return f"trainer_state.json: {key!r} is missing or not a {getattr(kind, '__name__', 'number')}"
     meta = documents["optimizer.json"]

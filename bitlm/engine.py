@@ -378,13 +378,11 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
 
 def _read_resume_point(path: Path):
     """(model state, optimizer state, trainer state) and the ModelConfig of a checkpoint, or CheckpointError."""
-    problem = ckpt.checkpoint_problem(path)
-    if problem is not None:
-        raise ckpt.CheckpointError(f"{path}: cannot resume from it: {problem}")
     try:
         return ckpt.read_checkpoint(path), ckpt.read_config(path)
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise ckpt.CheckpointError(f"{path}: cannot resume from it: {err}") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # CheckpointError is a ValueError
+        where = str(err) if isinstance(err, ckpt.CheckpointError) else f"{path}: {err}"
+        raise ckpt.CheckpointError(f"cannot resume from {where}") from None
 
 
 def _check_context(model, context_bytes: int) -> None:

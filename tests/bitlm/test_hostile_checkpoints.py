@@ -57,6 +57,10 @@ def break_trainer_state(path):
     (path / "trainer_state.json").write_text('{"step": 2, "train_seconds"')
 
 
+def forget_history(path):
+    (path / "trainer_state.json").write_text(json.dumps({"step": 2, "train_seconds": 1.0}))
+
+
 def empty_config(path):
     (path / "config.json").write_text("")
 
@@ -78,6 +82,7 @@ DAMAGE = {
     "truncated model.safetensors": (truncate_weights, "model.safetensors: truncated"),
     "a pickle as model.safetensors": (pickle_as_weights, "model.safetensors: a pickle"),
     "bad trainer_state.json": (break_trainer_state, "trainer_state.json is not valid JSON"),
+    "trainer_state.json without a history": (forget_history, "trainer_state.json: 'history' is missing"),
     "empty config.json": (empty_config, "config.json is not valid JSON"),
     "missing optimizer.safetensors": (drop_optimizer, "optimizer.safetensors is missing"),
     "missing optimizer.json": (drop_optimizer_json, "optimizer.json is missing"),
@@ -112,7 +117,7 @@ def test_an_explicit_damaged_resume_point_is_one_clear_error(corpus, tmp_path):
     train(corpus, tmp_path / "a")
     bad = tmp_path / "a" / "step-00000002"
     break_trainer_state(bad)
-    with pytest.raises(ckpt.CheckpointError, match="step-00000002: cannot resume from it: trainer_state.json"):
+    with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*step-00000002: trainer_state.json is not"):
         train(corpus, tmp_path / "b", resume=False, resume_from=bad)
 
 
@@ -206,3 +211,11 @@ def test_a_resumed_run_after_a_failure_continues_from_the_good_checkpoint(corpus
     result, events = train(corpus, tmp_path)
     assert first_trained_step(events) == 2 and result.step == 2
     assert json.loads((tmp_path / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+def test_loading_a_damaged_checkpoint_names_it_and_the_file(corpus, tmp_path):
+    train(corpus, tmp_path)
+    drop_optimizer_json(tmp_path / "step-00000002")
+    model = BitTransformerLM(MODEL)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000002: optimizer.json is missing$"):
+        ckpt.load_checkpoint(tmp_path / "step-00000002", model, torch.optim.AdamW(model.parameters()))
