@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -12,12 +14,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .shards import file_sha256, read_shard, write_shards
+from .shards import check_shards, file_sha256, read_shard, write_shards
 from .sources import DEFAULT_INCLUDE, plan_stream, read_stream, resolve_sources
 
 FORMAT = "bitlm-corpus/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+_SHARD_NAME = re.compile(r"^(train|val)-\d{5,}\.parquet$")  # as bitlm.shards.write_shards names them
 # (256, 8) table of each byte's bits, most significant first, so histograms map to bit counts.
 _BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).astype(np.int64)
 _BYTE_PARITY = _BYTE_BITS.sum(axis=1) & 1
@@ -126,11 +129,13 @@ def write_corpus(stream: np.ndarray, out_dir: str | Path, *, sources: list[str],
     """
     splits = split_windows(stream, window_bytes, val_fraction)
     out = Path(out_dir)
+    _check_not_foreign_manifest(out / MANIFEST)
     out.mkdir(parents=True, exist_ok=True)
-    # Drop the old manifest first so a rebuild that fails midway never looks complete.
+    # Drop the old manifest first so a rebuild that fails midway never looks complete; then the
+    # old shards, by their exact names only (nothing else in out_dir is ours to delete).
     (out / MANIFEST).unlink(missing_ok=True)
-    for name in SPLITS:
-        for stale in out.glob(f"{name}-*.parquet"):
+    for stale in out.glob("*.parquet"):
+        if _SHARD_NAME.match(stale.name):
             stale.unlink()
     shards = {name: write_shards(out, name, w, shard_windows) for name, (w, _) in splits.items()}
     manifest = _manifest(window_bytes, val_fraction, sources, n_files, len(stream), splits, shards,
@@ -139,6 +144,19 @@ def write_corpus(stream: np.ndarray, out_dir: str | Path, *, sources: list[str],
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _check_not_foreign_manifest(path: Path) -> None:
+    """Refuse to replace a manifest.json that is not a corpus manifest of ours."""
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("format") == FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{path} exists and is not a bitlm corpus manifest; prepare into another --out "
+                         "(nothing was changed)")
 
 
 def prepare_corpus(sources: Sequence[str | os.PathLike] | None, out_dir: str | Path, *,
@@ -158,15 +176,64 @@ def prepare_corpus(sources: Sequence[str | os.PathLike] | None, out_dir: str | P
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
-    """Load and check a prepared corpus's manifest.json."""
+    """Load and check a prepared corpus's manifest.json; ValueError naming the file and what is wrong."""
     path = Path(corpus_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
             f"no {MANIFEST} in {corpus_dir}; create the corpus with `bitlm prepare`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-run `bitlm prepare`") from None
+    _check_manifest(manifest, path)
+    return manifest
+
+
+def _check_manifest(manifest, path: Path) -> None:
+    """Raise ValueError naming `path` and the first field of a manifest that is missing or malformed."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; re-run `bitlm prepare`")
+
+    if not isinstance(manifest, dict):
+        raise bad(f"must be a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format must be {FORMAT!r}, got {manifest.get('format')!r}")
-    return manifest
+    window_bytes = manifest.get("window_bytes")
+    if isinstance(window_bytes, bool) or not isinstance(window_bytes, int) or window_bytes < 2:
+        raise bad(f"window_bytes must be an integer >= 2, got {window_bytes!r}")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(name), dict) for name in SPLITS):
+        raise bad(f"splits must be an object with {' and '.join(SPLITS)} entries")
+    for name in SPLITS:
+        shards = splits[name].get("shards")
+        if not isinstance(shards, list):
+            raise bad(f"splits.{name}.shards must be a list")
+        for i, shard in enumerate(shards):
+            ok = (isinstance(shard, dict) and isinstance(shard.get("file"), str)
+                  and shard["file"] == Path(shard["file"]).name and shard["file"] not in ("", ".", "..")
+                  and isinstance(shard.get("sha256"), str) and isinstance(shard.get("n_windows"), int)
+                  and not isinstance(shard["n_windows"], bool) and shard["n_windows"] >= 0)
+            if not ok:
+                raise bad(f"splits.{name}.shards[{i}] must hold a file name in the corpus directory, "
+                          "its sha256 and n_windows")
+    marginals = manifest.get("phase_marginals")
+    if not isinstance(marginals, dict) or any(
+            not isinstance(marginals.get(n), list) or len(marginals[n]) != int(n) for n in ("8", "9")):
+        raise bad("phase_marginals must hold lists of 8 and 9 per-phase frequencies")
+
+
+def verify_shards(corpus_dir: str | Path, manifest: dict | None = None) -> None:
+    """Check every shard's sha256 against the manifest; ValueError naming the first shard that differs."""
+    manifest = read_manifest(corpus_dir) if manifest is None else manifest
+    check_shards(Path(corpus_dir), [s for name in SPLITS for s in manifest["splits"][name]["shards"]])
+
+
+def corpus_identity(manifest: dict) -> str:
+    """A hex digest naming a corpus's contents: its window size and every shard's name, size and sha256."""
+    content = {"window_bytes": manifest["window_bytes"],
+               "splits": {name: [[s["file"], s["n_windows"], s["sha256"]] for s in manifest["splits"][name]["shards"]]
+                          for name in SPLITS}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 class ByteWindows:
@@ -196,13 +263,13 @@ class ByteWindows:
         for shard in shards:
             path = Path(corpus_dir) / shard["file"]
             if verify and file_sha256(path) != shard["sha256"]:
-                raise ValueError(f"shard {shard['file']}: sha256 does not match the manifest "
+                raise ValueError(f"shard {path}: sha256 does not match the manifest "
                                  "(file corrupted or replaced); re-run `bitlm prepare`")
             views = read_shard(path, window_bytes)
             n = sum(v.shape[0] for v in views)
             if n != shard["n_windows"]:
-                raise ValueError(f"shard {shard['file']}: has {n} windows, "
-                                 f"manifest says {shard['n_windows']}")
+                raise ValueError(f"shard {path}: has {n} windows, "
+                                 f"manifest says {shard['n_windows']}; re-run `bitlm prepare`")
             for view in views:
                 out[row:row + len(view)] = view
                 row += len(view)
@@ -303,11 +370,17 @@ class Corpus:
         self.directory = directory
 
     @classmethod
-    def open(cls, directory: str | Path, verify: bool = False) -> "Corpus":
-        """Open a directory written by prepare_corpus."""
+    def open(cls, directory: str | Path, verify: bool = True) -> "Corpus":
+        """Open a directory written by prepare_corpus, first checking every shard's sha256 unless not `verify`.
+
+        The check reads the shards once more (about 1 GB/s; a progress bar from 256 MiB on a
+        terminal); verify=False skips it for corpora too large to hash at every start.
+        """
         manifest = read_manifest(directory)
-        train = ByteWindows.open(directory, "train", verify=verify, manifest=manifest)
-        val = ByteWindows.open(directory, "val", verify=verify, manifest=manifest)
+        if verify:
+            verify_shards(directory, manifest)
+        train = ByteWindows.open(directory, "train", manifest=manifest)
+        val = ByteWindows.open(directory, "val", manifest=manifest)
         return cls(train, val, manifest, Path(directory))
 
     @classmethod

@@ -8,6 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
+# shards this large in all show a progress bar while they are checked (on a terminal)
+_CHECK_BAR_BYTES = 256 << 20
 
 
 def file_sha256(path: Path) -> str:
@@ -17,6 +21,22 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_shards(directory: Path, shards: list[dict]) -> None:
+    """Compare each shard file's sha256 with its manifest entry; raise naming the first one missing or different."""
+    paths = [directory / s["file"] for s in shards]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path}: missing; re-run `bitlm prepare`")
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="checking shards",
+              disable=None if total >= _CHECK_BAR_BYTES else True) as bar:
+        for shard, path in zip(shards, paths):
+            if file_sha256(path) != shard["sha256"]:
+                raise ValueError(f"shard {path}: sha256 does not match the manifest (file corrupted or replaced); "
+                                 "re-run `bitlm prepare`, or skip the check (bitlm train --no-verify-data)")
+            bar.update(path.stat().st_size)
 
 
 def write_shards(out_dir: Path, split: str, windows: np.ndarray, shard_windows: int) -> list[dict]:
@@ -39,15 +59,20 @@ def write_shards(out_dir: Path, split: str, windows: np.ndarray, shard_windows: 
 def read_shard(path: Path, window_bytes: int) -> list[np.ndarray]:
     """Zero-copy (n, window_bytes) uint8 views over the decoded Arrow chunks of one shard."""
     # ParquetFile.read avoids read_table's one-off ~0.3 s import of the dataset layer.
-    with pq.ParquetFile(path, memory_map=True) as f:
-        column = f.read(columns=["window"]).column("window")
+    try:
+        with pq.ParquetFile(path, memory_map=True) as f:
+            column = f.read(columns=["window"]).column("window")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"shard {path}: missing; re-run `bitlm prepare`") from None
+    except (pa.ArrowException, OSError, KeyError) as err:  # truncated, not Parquet, or no window column
+        raise ValueError(f"shard {path}: unreadable ({err}); re-run `bitlm prepare`") from None
     if column.type != pa.binary(window_bytes):
-        raise ValueError(f"shard {path.name}: column type must be {pa.binary(window_bytes)}, "
+        raise ValueError(f"shard {path}: column type must be {pa.binary(window_bytes)}, "
                          f"got {column.type}")
     views = []
     for chunk in column.chunks:
         if chunk.null_count:
-            raise ValueError(f"shard {path.name}: window column has {chunk.null_count} nulls")
+            raise ValueError(f"shard {path}: window column has {chunk.null_count} nulls")
         data = np.frombuffer(chunk.buffers()[1], dtype=np.uint8,
                              count=len(chunk) * window_bytes, offset=chunk.offset * window_bytes)
         views.append(data.reshape(len(chunk), window_bytes))
