@@ -41,6 +41,7 @@ class RayRunConfig:
     experiment: str = "bitlm"  # MLflow experiment
     storage_path: str = "runs/ray"  # made absolute (Ray Train's controller needs that)
     data: str = ""  # corpus directory written by `bitlm prepare` / pipelines.prepare
+    verify_data: bool = True  # the driver checks every shard's sha256 against the manifest before training
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -175,7 +176,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         options = {"n_microbatches": cfg.run.n_microbatches, "schedule": cfg.run.pipeline_schedule}
     strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size, **options)
     _record_placement(Path(config["run_dir"]), rank, str(device))
-    corpus = Corpus.open(cfg.run.data)
+    corpus = Corpus.open(cfg.run.data, verify=False)  # the driver checked the shards (run.verify_data)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
     model = BitTransformerLM(cfg.model)
 
@@ -257,6 +258,7 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
     data = str(Path(cfg.run.data).resolve())
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=data))
     run_dir = run_directory(cfg)
+    _check_data(cfg, run_dir)
     uri = tracking_uri()
     run_id = mlflow_run_id if mlflow_run_id and cfg.run.tracking else _mlflow_run_id(cfg, run_dir, uri)
     trainer = TorchTrainer(
@@ -280,6 +282,20 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
     model_dir = _export_model(result, run_dir / "model")
     _finish_tracking(uri, run_id, "FINISHED", cfg, result, model_dir)
     return result
+
+
+def _check_data(cfg: PipelineConfig, run_dir: Path) -> None:
+    """Before Ray Train starts: the shards match the manifest, and a run being resumed had this corpus."""
+    from bitlm.data import corpus_identity, read_manifest, verify_shards
+    from bitlm.rundir import prepare_run_directory
+
+    try:
+        manifest = read_manifest(cfg.run.data)
+        if cfg.run.verify_data:
+            verify_shards(cfg.run.data, manifest)
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from None
+    prepare_run_directory(run_dir, cfg.run.data, fresh=False, corpus=corpus_identity(manifest))
 
 
 def _export_model(result, target: Path) -> Optional[Path]:
@@ -331,11 +347,17 @@ def run_training(cfg: PipelineConfig, *, address: Optional[str] = None):
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
+        address = ray_address(address)
         # Ray Train's controller watches its workers through the dashboard's state API, so a local
         # Ray keeps the dashboard, bound to loopback
-        ray.init(address=address, log_to_driver=True, **({} if address else {"dashboard_host": "127.0.0.1"}))
+        ray.init(address=address, log_to_driver=True,
+                 **({"dashboard_host": "127.0.0.1"} if address == "local" else {}))
     return train_driver(cfg)
+
+
+def ray_address(address: Optional[str]) -> str:
+    """The cluster to join: `address`, else RAY_ADDRESS, else "local" (a new local Ray, never another one found)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def summary(result) -> str:

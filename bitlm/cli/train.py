@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,35 +13,45 @@ import click
 from .options import DEFAULT_KIND, build_experiment, diffusion_options, diffusion_sets, model_options
 
 
-def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool):
+def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool,
+                       verify_data: bool = True):
     """Train per `cfg` on a prepared corpus; write config.json, metrics.jsonl, checkpoints/ and model/."""
+    import torch
+
     from .. import checkpoint as ckpt
     from ..config import to_json
-    from ..data import Corpus
-    from ..engine import fit
+    from ..data import corpus_identity
+    from ..engine import NonFiniteLossError, fit
     from ..model import BitTransformerLM
+    from ..scaling import grown_from
 
-    try:
-        corpus = Corpus.open(data_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
+    corpus = open_corpus(data_dir, verify=verify_data)
+    out = prepare_out(out, data_dir, fresh=not resume, corpus=corpus_identity(corpus.manifest))
     checkpoints = out / "checkpoints"
-    latest = ckpt.latest_checkpoint(checkpoints) if resume else None
-    if latest is not None and ckpt.read_config(latest) != cfg.model:
-        raise click.UsageError(f"{out} holds checkpoints of a different model ({latest.name}); "
-                               "pass --no-resume to start over or choose another --out")
-    if not resume and checkpoints.exists():
-        # a fresh run must neither prune its own checkpoints against an old run's nor be resumed as it later
-        shutil.rmtree(checkpoints)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        latest = ckpt.latest_checkpoint(checkpoints) if resume else None
+    except ckpt.CheckpointError as err:
+        raise click.UsageError(str(err)) from None
+    if latest is not None:
+        saved = ckpt.read_config(latest)
+        if saved != cfg.model and not grown_from(cfg.model, saved):
+            raise click.UsageError(f"{out} holds checkpoints of a different model ({latest.name}); "
+                                   "pass --no-resume to start over or choose another --out")
     (out / "config.json").write_text(to_json(cfg))
+    torch.manual_seed(cfg.train.seed)  # the initial weights are the seed's, like everything after them
     model = BitTransformerLM(cfg.model)
     click.echo(f"model: {cfg.model.arch}/{cfg.model.representation}, {model.num_parameters():,} parameters; "
                f"corpus: {corpus.train.n_bytes:,} train bytes, {corpus.val.n_bytes:,} val bytes")
-    log = (out / "metrics.jsonl").open("a")
+    log_path, log = out / "metrics.jsonl", None
+    resumed_step = int(latest.name.split("-")[1]) if latest is not None else 0
 
     def report(metrics, checkpoint):
+        nonlocal log
+        if log is None:
+            # the steps after the resumed checkpoint run again: drop what the earlier run logged for them
+            # (the first new record bounds it too, should fit resume from an older checkpoint)
+            truncate_log(log_path, min(resumed_step, int(metrics["step"]) - 1))
+            log = log_path.open("a")
         record = dict(metrics, time=time.time())
         if checkpoint is not None:
             record["checkpoint"] = str(checkpoint)
@@ -54,11 +64,57 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
 
     try:
         result = fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=report, checkpoint_dir=checkpoints,
-                     resume=resume, device=device, progress=progress)
+                     resume=resume, device=device, progress=progress, scaling=cfg.scaling)
+    except NonFiniteLossError as err:
+        raise click.ClickException(str(err)) from None
+    except ValueError as err:  # a checkpoint it cannot resume from, a config the model cannot train with
+        raise click.UsageError(str(err)) from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
+    model = result.model if result.model is not None else model  # progressive scaling returns the grown model
     ckpt.save_pretrained(model, out / "model")
     return model, corpus, result
+
+
+def open_corpus(data_dir: Path, *, verify: bool):
+    """bitlm.data.Corpus.open, its errors as one-line --data errors."""
+    from ..data import Corpus
+
+    try:
+        return Corpus.open(data_dir, verify=verify)
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+
+
+def prepare_out(out: Path, data_dir: Path, *, fresh: bool, corpus=None) -> Path:
+    """bitlm.rundir.prepare_run_directory for every command that writes a run: its refusals as one-line errors."""
+    from ..rundir import RunDirectoryError, prepare_run_directory
+
+    try:
+        return prepare_run_directory(out, data_dir, fresh=fresh, corpus=corpus)
+    except RunDirectoryError as err:
+        raise click.BadParameter(str(err), param_hint=err.option) from None
+    except OSError as err:
+        raise click.BadParameter(f"{out}: {err.strerror or err}", param_hint="--out") from None
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the records of metrics.jsonl up to `last_step` (and drop a line torn by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        step = record.get("step", 0) if isinstance(record, dict) else None
+        if isinstance(step, (int, float)) and step <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _score_text(metrics) -> str:
@@ -90,15 +146,21 @@ def _score_text(metrics) -> str:
 @click.option("--gpu", is_flag=True, help="Ray: one GPU per worker (NCCL).")
 @click.option("--scaling", is_flag=True, help="Grow the model (depth, width, context) when val loss plateaus.")
 @click.option("--address", default=None, help="Ray: cluster address (default: RAY_ADDRESS, else a new local Ray).")
+@click.option("--verify-data/--no-verify-data", default=True, show_default=True,
+              help="Check every shard's sha256 against the corpus manifest before training "
+                   "(Ray: run.verify_data); skip it for corpora too large to hash at every start.")
 def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
                   noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling,
-                  address):
+                  address, verify_data):
     """Train a model on a prepared corpus.
 
     By default the run goes through Ray Train (a local Ray, or --address) with MLflow tracking
     (MLFLOW_TRACKING_URI, default sqlite:///<cwd>/mlflow.db; browse with `bitlm ui`); the final
     model lands in <out>/model and in MLflow. --local trains in this process instead. Validation
-    bits-per-byte and K/C/S are reported at every evaluation; re-run the same command to resume.
+    bits-per-byte and K/C/S are reported at every evaluation; re-run the same command to resume
+    (on the same corpus: a resume on another one is refused). --no-resume starts over, removing
+    only what an earlier run wrote in --out; an --out holding other files, the corpus or the
+    working directory is refused.
     """
     sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + (
         ("scaling.enabled=true",) if scaling else ()) + tuple(sets)
@@ -106,7 +168,7 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     if local:
         cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
         _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
-                                          progress=sys.stderr.isatty())
+                                          progress=sys.stderr.isatty(), verify_data=verify_data)
         click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "
                    f"model saved to {out / 'model'}")
         return
@@ -117,11 +179,23 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     run += [f"run.num_workers={workers}"] if workers is not None else []
     run += [f"run.strategy={strategy}"] if strategy else []
     run += ["run.use_gpu=true"] if gpu else []
+    run += [] if verify_data else ["run.verify_data=false"]
     cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig)
-    if not resume and out.exists():
-        shutil.rmtree(out)  # Ray Train resumes whatever run sits at the same name and storage path
+    _read_manifest(Path(data_dir))  # a bad --data fails before an earlier run is cleared
+    # Ray Train resumes whatever run sits at the same name and storage path: a fresh run clears it
+    # (the driver checks the shards and, on a resume, that the corpus is the run's)
+    prepare_out(out, Path(data_dir), fresh=not resume)
     result = run_ray_training(cfg, address)
     click.echo(summary(result) + f"; model saved to {out / 'model'}")
+
+
+def _read_manifest(data_dir: Path) -> dict:
+    from ..data import read_manifest
+
+    try:
+        return read_manifest(data_dir)
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
 
 
 def run_ray_training(cfg, address):
@@ -154,8 +228,7 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
     if not (data_dir / "manifest.json").exists():
         click.echo(f"preparing up to {max_corpus_bytes:,} bytes of Python standard-library sources ...")
         prepare_corpus(None, data_dir, max_bytes=max_corpus_bytes, progress=True)
-    run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a demo is a fresh run, never a resumed one
+    run_dir = prepare_out(out / "run", data_dir, fresh=True)  # a demo is a fresh run, never a resumed one
     defaults = (f"run.data={data_dir}", "run.name=run", f"run.storage_path={out}", "run.experiment=bitlm-demo",
                 "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every=100", "train.warmup_steps=50")
     cfg = build_experiment("tiny", DEFAULT_KIND, None, (), minutes, None, cls=PipelineConfig, defaults=defaults)
