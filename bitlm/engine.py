@@ -414,7 +414,7 @@ def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional
 
 
 def _data_reference(model, corpus, cfg: TrainConfig) -> dict[str, float]:
-    """data/C and data/S: C and S of the first validation batch's own bits, the ones evaluate's val/C and val/S predict."""
+    """data/C and data/S: C and S of the first validation batch's own bits (what val/C and val/S predict)."""
     val = corpus.val if corpus.val.n_windows else corpus.train
     first = next(iter(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=1)))
     return {f"data/{name}": value for name, value in data_telemetry(model, first).items()}
