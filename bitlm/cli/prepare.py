@@ -31,6 +31,8 @@ def prepare_command(sources, out_dir, window_bytes, val_fraction, max_bytes, sha
                                   max_bytes=max_bytes, progress=not quiet)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    except OSError as err:  # an unreadable source or an unwritable --out: one line naming the path
+        raise click.ClickException(f"{err.filename or out_dir}: {err.strerror or err}") from None
     splits = manifest["splits"]
     click.echo(f"prepared {manifest['n_files']} file(s), {manifest['n_bytes_total']:,} bytes -> {out_dir}: "
                f"train {splits['train']['n_windows']} windows, val {splits['val']['n_windows']} windows "
