@@ -421,10 +421,17 @@ def _data_reference(model, corpus, cfg: TrainConfig) -> dict[str, float]:
 
 
 def _drift(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, float]:
-    """Warn (MetricDriftWarning, naming the metric) when val K/C/S drift; returns drift/<metric> deltas."""
+    """Warn (MetricDriftWarning, naming the metric) when val K/C/S drop; returns drift/<metric> deltas either way.
+
+    val K/C/S describe the model's predictions, so they rise while it learns (S from near 0 toward
+    data/S); only a drop (predictions losing confidence, collapsing into loops, leaving the corpus'
+    byte structure) is worth a warning.
+    """
     series = [{k: h[k] for k in TELEMETRY_KEYS if k in h} for h in history]
     drifted = detect_metric_drift(series, window=cfg.drift_window, threshold=cfg.drift_threshold)
     for name, delta in drifted.items():
+        if delta >= 0:
+            continue
         warnings.warn(f"{name} drifted by {delta:+.3f} (mean of the last {cfg.drift_window} evaluations vs "
                       f"the {cfg.drift_window} before; threshold {cfg.drift_threshold})", MetricDriftWarning,
                       stacklevel=3)

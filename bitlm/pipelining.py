@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .evaluation import causal_prediction_telemetry
 from .objective import LossOutput, model_inputs
 from .parallel import Strategy, cpu_state, load_named_optimizer_state, named_optimizer_state
 
@@ -281,7 +282,7 @@ class PipelineStrategy(Strategy):
                 total_bits += float(self._nll_bits(self._per_position(logits, ids)))
                 n_bytes += batch.shape[0] * (batch.shape[1] - 1)
                 if i == 0:  # K/C/S of the first batch, like engine.telemetry_means
-                    tel = model._telemetry(ids, logits.float())
+                    tel = causal_prediction_telemetry(model, ids, logits.float())
         finally:
             model.train(was_training)
         result: list[Any] = [None]
@@ -289,8 +290,7 @@ class PipelineStrategy(Strategy):
             if n_bytes == 0:
                 raise ValueError("no bytes to score (empty validation set?)")
             result = [{"val/bpb": total_bits / n_bytes, "val/n_bytes": n_bytes,
-                       "val/K": float(tel["negentropy"].mean()), "val/C": float(tel["lz_complexity"].mean()),
-                       "val/S": float(tel["symbiosis"].mean())}]
+                       "val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}]
         if self.world_size > 1:
             dist.broadcast_object_list(result, src=self.world_size - 1, device=self.device)
         return result[0]

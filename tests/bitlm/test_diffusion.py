@@ -204,6 +204,15 @@ def test_a_drift_beyond_the_threshold_warns_naming_the_metric():
     assert deltas == {"drift/val/C": pytest.approx(-0.5)}
 
 
+def test_a_rise_of_the_models_telemetry_is_logged_but_does_not_warn():
+    cfg = TrainConfig(drift_window=2, drift_threshold=0.2)
+    history = [{"val/K": 0.5, "val/C": 0.7, "val/S": 0.1}] * 2 + [{"val/K": 0.5, "val/C": 0.7, "val/S": 0.8}] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetricDriftWarning)
+        deltas = _drift(history, cfg)
+    assert deltas == {"drift/val/S": pytest.approx(0.7)}
+
+
 def test_a_stable_history_does_not_warn():
     cfg = TrainConfig(drift_window=2, drift_threshold=0.2)
     history = [{"val/K": 0.5 + 0.01 * (i % 2), "val/C": 0.7, "val/S": 0.9} for i in range(6)]
