@@ -137,3 +137,11 @@ def data_telemetry(model, byte_batch: torch.Tensor) -> dict[str, float]:
 def _means(tel: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"K": float(tel["negentropy"].mean()), "C": float(tel["lz_complexity"].mean()),
             "S": float(tel["symbiosis"].mean())}
+
+
+def format_telemetry(metrics: dict) -> str:
+    """'K .. C .. S ..' of the model's predictions, with the data's own C and S when the metrics carry them."""
+    text = f"K {metrics['val/K']:.3f}  C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}"
+    if "data/C" in metrics and "data/S" in metrics:
+        text += f"  (data: C {metrics['data/C']:.3f}  S {metrics['data/S']:.3f})"
+    return text

@@ -27,6 +27,7 @@ from typing import Any, Literal, Optional
 import click
 
 from bitlm.config import ExperimentConfig, _check, _check_choice, apply_overrides, flatten, from_dict, to_dict
+from bitlm.evaluation import format_telemetry
 
 Strategy = Literal["ddp", "fsdp", "pipeline"]
 PipelineSchedule = Literal["gpipe", "1f1b"]
@@ -119,8 +120,7 @@ class RayReporter:
             if self.rank == 0:  # reaches the driver's console through Ray's log forwarding
                 score = "val/bpb" if "val/bpb" in metrics else "val/elbo_bpb"
                 # not print(): Ray Train patches it to tee into a logger as well, so every line came twice
-                sys.stdout.write(f"step {step}: {score} {metrics[score]:.4f}  K {metrics['val/K']:.3f}  "
-                                 f"C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}\n")
+                sys.stdout.write(f"step {step}: {score} {metrics[score]:.4f}  {format_telemetry(metrics)}\n")
                 sys.stdout.flush()
         if checkpoint is not None or is_eval or metrics.get("event") or "final" in metrics:
             merged = (self.last_eval | metrics) if checkpoint is not None else metrics

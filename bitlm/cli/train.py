@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
@@ -22,16 +23,22 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
     from ..config import to_json
     from ..data import corpus_identity
     from ..engine import NonFiniteLossError, fit
+    from ..evaluation import format_telemetry
     from ..model import BitTransformerLM
     from ..scaling import grown_from
 
     corpus = open_corpus(data_dir, verify=verify_data)
     out = prepare_out(out, data_dir, fresh=not resume, corpus=corpus_identity(corpus.manifest))
     checkpoints = out / "checkpoints"
+    ckpt.remove_stale_temporaries(checkpoints)  # a save killed midway may hold the newest step (its .old copy)
     try:
-        latest = ckpt.latest_checkpoint(checkpoints) if resume else None
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always", ckpt.CheckpointWarning)
+            latest = ckpt.latest_checkpoint(checkpoints) if resume else None
     except ckpt.CheckpointError as err:
         raise click.UsageError(str(err)) from None
+    for warning in skipped:  # one line each, not Python's file:line warning format
+        click.echo(f"warning: {warning.message}", err=True)
     if latest is not None:
         saved = ckpt.read_config(latest)
         if saved != cfg.model and not grown_from(cfg.model, saved):
@@ -59,12 +66,12 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
         log.flush()
         score = _score_text(metrics)
         if score:
-            click.echo(f"step {int(metrics['step'])}: {score}  "
-                       f"K {metrics['val/K']:.3f}  C {metrics['val/C']:.3f}  S {metrics['val/S']:.3f}", err=True)
+            click.echo(f"step {int(metrics['step'])}: {score}  {format_telemetry(metrics)}", err=True)
 
     try:
         result = fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=report, checkpoint_dir=checkpoints,
-                     resume=resume, device=device, progress=progress, scaling=cfg.scaling)
+                     resume=resume, resume_from=latest, device=device, progress=progress,
+                     scaling=cfg.scaling)
     except NonFiniteLossError as err:
         raise click.ClickException(str(err)) from None
     except ValueError as err:  # a checkpoint it cannot resume from, a config the model cannot train with
@@ -220,6 +227,7 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
     from ..baselines import compressor_bpb
     from ..checkpoint import from_pretrained
     from ..data import Corpus, prepare_corpus
+    from ..evaluation import format_telemetry
     from ..sampling import generate
     from pipelines.train import PipelineConfig
 
@@ -243,7 +251,7 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
     click.echo(f"trained {int(m['step'])} steps in {m['train_seconds']:.0f} s")
     click.echo(f"val bits/byte: model {m['val/bpb']:.3f} | gzip -9 {ref['gzip-9']:.3f} | xz -9e {ref['xz-9e']:.3f} "
                f"(compressors on {len(val_bytes):,} val bytes)")
-    click.echo(f"telemetry on val: K {m['val/K']:.3f}  C {m['val/C']:.3f}  S {m['val/S']:.3f}")
+    click.echo(f"telemetry of the model's predictions on val: {format_telemetry(m)}")
     sample = generate(model, "def ", 160, temperature=0.8, seed=0)
     click.echo(f"sample (parity corrections: {sample.n_parity_corrections}):\n{sample.text}")
     run_id = (run_dir / "mlflow_run_id").read_text().strip() if (run_dir / "mlflow_run_id").exists() else "?"

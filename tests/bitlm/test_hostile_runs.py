@@ -262,6 +262,19 @@ def test_resuming_drops_the_log_records_after_the_resumed_checkpoint(corpus_dir,
     assert train_steps(out / "metrics.jsonl") == [1, 2, 3, 4]
 
 
+def test_a_damaged_newest_checkpoint_is_named_once_in_one_line_and_the_run_resumes(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    keep = ("--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=3")
+    assert train(corpus_dir, out, 2, *keep).exit_code == 0
+    weights_file = out / "checkpoints" / "step-00000002" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    resumed = train(corpus_dir, out, 3, *keep)
+    assert resumed.exit_code == 0, resumed.output
+    named = [line for line in resumed.output.splitlines() if "step-00000002" in line]
+    assert len(named) == 1 and named[0].startswith("warning: ") and "CheckpointWarning" not in resumed.output
+    assert train_steps(out / "metrics.jsonl") == [1, 2, 3]
+
+
 def test_a_resume_with_every_checkpoint_damaged_is_a_one_line_error_naming_it(corpus_dir, tmp_path):
     out = tmp_path / "run"
     assert train(corpus_dir, out, 1).exit_code == 0
