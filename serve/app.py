@@ -8,8 +8,6 @@ where string annotations of the request models would not resolve.
 
 
 import asyncio
-import hashlib
-import hmac
 import json
 import math
 import secrets
@@ -29,6 +27,7 @@ from ray.serve import Application
 
 from .audit import AuditLog
 from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
+from .guard import RESERVED_SLOTS, UNAUTHORIZED, RequestGuard, token_digest, token_matches
 from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
                       Telemetry, Timings)
 from .sources import resolve_source
@@ -40,7 +39,7 @@ _bearer = HTTPBearer(auto_error=False, description="Needed on /v1 when the serve
 
 
 class ApiError(Exception):
-    """A client error with a message that names the field (and the limit, when one is broken)."""
+    """An error answer (4xx, or 500 for the audit log) whose message names the field, limit or file."""
 
     def __init__(self, status: int, detail: str, **extra: Any):
         self.status, self.detail, self.extra = status, detail, extra
@@ -77,88 +76,13 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content={"detail": exc.detail, **exc.extra}, headers=headers)
 
 
-class BodyGuard:
-    """ASGI middleware: 413 for a body over the limit, 422 for a body that is not UTF-8 (naming the field)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        limit = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
-        limit = limit or AppArgs.model_fields["max_body_bytes"].default
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"").decode("latin-1")
-        if declared.isdigit() and int(declared) > limit:
-            return await _reply(send, 413, _too_large(int(declared), limit))
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await _reply(send, 413, _too_large(size, limit))
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return await _reply(send, 422, {"detail": f"{_non_utf8_fields(body)}: invalid UTF-8 in the request body "
-                                                      f"(byte {err.start})"})
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if sent:
-                return await receive()
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-
-def _too_large(size: int, limit: int) -> dict:
-    return {"detail": f"body: {size} bytes exceeds the limit of {limit} bytes (max_body_bytes)"}
-
-
-def _non_utf8_fields(body: bytes) -> str:
-    """The top-level JSON fields whose strings hold the invalid bytes, or "body" when that cannot be told."""
-    try:
-        data = json.loads(body.decode("utf-8", errors="surrogateescape"))
-    except (ValueError, RecursionError):
-        return "body"
-    if not isinstance(data, dict):
-        return "body"
-    bad = [k for k, v in data.items() if isinstance(v, str) and any("\udc80" <= c <= "\udcff" for c in v)]
-    return ", ".join(bad) or "body"
-
-
-async def _reply(send, status: int, content: dict) -> None:
-    payload = json.dumps(content).encode("utf-8")
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
-    await send({"type": "http.response.body", "body": payload})
-
-
-api.add_middleware(BodyGuard)
-
-
-def token_digest(token: str) -> str:
-    """What replicas hold instead of the token: its SHA-256, so the secret is not in Ray's config store."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+api.add_middleware(RequestGuard)
 
 
 def _authorize(request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
-    expected = getattr(request.app.state, "api_token_sha256", None)
-    if not expected:
-        return
-    given = credentials.credentials if credentials is not None else ""
-    if credentials is None or not hmac.compare_digest(token_digest(given), expected):
-        raise ApiError(401, "authorization: a valid 'Authorization: Bearer <token>' header is required")
+    # RequestGuard checked the token before the body was read; this declares the scheme in the OpenAPI spec
+    if not token_matches(request.headers.get("authorization"), getattr(request.app.state, "api_token_sha256", None)):
+        raise ApiError(401, UNAUTHORIZED)
 
 
 @serve.deployment
@@ -181,6 +105,8 @@ class BitLMServer:
         self._model_lock = threading.Lock()  # the batch thread and /v1/score share one model
         api.state.api_token_sha256 = settings.get("api_token_sha256")
         api.state.max_body_bytes = self.args.max_body_bytes
+        api.state.body_timeout_s = self.args.body_timeout_s
+        api.state.max_ongoing_requests = self.args.max_ongoing_requests
         self._generate_batch.set_max_batch_size(self.args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         cfg = self.model.config
@@ -226,8 +152,13 @@ class BitLMServer:
         verdict = outcome.verdict
         record = verdict.to_dict()
         # off the event loop: the append waits on a file lock that other replicas may hold
-        await asyncio.to_thread(self.audit.record, request_id, record, model=self.name, mode=job.mode,
-                                strict=body.strict, prompt_bytes=len(job.prompt))
+        try:
+            await asyncio.to_thread(self.audit.record, request_id, record, model=self.name, mode=job.mode,
+                                    strict=body.strict, prompt_bytes=len(job.prompt))
+        except OSError as err:  # no output leaves without its audit record
+            raise ApiError(500, f"audit log {self.audit.path}: the verdict could not be recorded "
+                                f"({err.strerror or type(err).__name__}); the output is withheld",
+                           request_id=request_id) from None
         gate = {k: v for k, v in record.items() if k != "text"}  # a blocked text must not leave
         if not verdict.passed and body.strict:
             raise ApiError(422, f"safety gate blocked the output after {len(verdict.attempts)} attempt(s): "
@@ -285,13 +216,14 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """The Serve application for `args.model` (validated, resolved and checked here, in the caller's process)."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     model_dir = resolve_source(a.model, a.allowed_roots or None)
+    audit_log = AuditLog(Path(a.audit_log).expanduser().resolve()).path  # fails here, not at the first request
     token = a.token()
     # deployment init args are stored in Ray's config store and shown by the dashboard: send a digest
     settings = {"args": a.model_dump() | {"api_token": None}, "model_dir": str(model_dir),
-                "api_token_sha256": token_digest(token) if token else None,
-                "audit_log": str(Path(a.audit_log).expanduser().resolve())}
+                "api_token_sha256": token_digest(token) if token else None, "audit_log": str(audit_log)}
+    # RequestGuard turns requests beyond a.max_ongoing_requests away; the reserve is for /healthz
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": a.num_cpus},
-                               "max_ongoing_requests": a.max_ongoing_requests}
+                               "max_ongoing_requests": a.max_ongoing_requests + RESERVED_SLOTS}
     if a.autoscaling:
         options["autoscaling_config"] = a.autoscaling
     else:

@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any
 
 
+class AuditLogError(ValueError):
+    """An audit log path that cannot take records (a directory, a read-only place); the message names it."""
+
+
 class AuditLog:
     """Appends records to a JSON-lines file; each record is written with one write() call."""
 
     def __init__(self, path: str | Path):
+        """Open (creating) the log once, so a path that cannot take records fails here, at start-up."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        except OSError as err:
+            why = f"{self.path.parent} is not a directory" if isinstance(err, FileExistsError) else \
+                err.strerror or type(err).__name__
+            raise AuditLogError(f"audit log {self.path}: cannot be opened for appending ({why})") from None
         self._lock = threading.Lock()
 
     def record(self, request_id: str, verdict: dict[str, Any], **context: Any) -> dict[str, Any]:

@@ -120,10 +120,13 @@ class AppArgs(BaseModel):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, gt=0)
     autoscaling: Optional[dict[str, Any]] = Field(None, description="Serve autoscaling_config; replaces num_replicas.")
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests besides /healthz a replica holds at once "
+                                      "(reading a body, queued or computing); more are answered 503.")
+    body_timeout_s: float = Field(10.0, gt=0, le=600,
+                                  description="A request body must arrive within this many seconds (else 408).")
     name: Optional[str] = Field(None, description="Model name in responses (default: the source).")
 
-    @field_validator("batch_wait_timeout_s", "num_cpus", "c_floor", "s_floor")
+    @field_validator("batch_wait_timeout_s", "body_timeout_s", "num_cpus", "c_floor", "s_floor")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
