@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+from bitlm.checkpoint import WEIGHTS, CheckpointError, resolve_pretrained, validate_pretrained
+from bitlm.store import default_tracking_uri
+
 _MLFLOW_URI = re.compile(r"^(runs|models):/")
-_CHECKPOINT_DIR = re.compile(r"^(step-\d{8}|checkpoint_\d+)$")
 
 
-class SourceError(ValueError):
+class SourceError(CheckpointError):
     """A model source that cannot or may not be served; the message says which and why."""
 
 
@@ -31,27 +31,46 @@ def download_root() -> Path:
 
 
 def resolve_source(source: str, allowed_roots: Optional[Iterable[str | Path]] = None) -> Path:
-    """The save_pretrained-layout directory a source names, resolved and checked against the allowed roots.
+    """The save_pretrained-layout directory a source names, resolved, checked against the roots and validated.
 
     A local source may be a save_pretrained directory, a checkpoint directory (Ray Train's or
-    `train --local`'s), or a run directory holding `model/` or checkpoint subdirectories (the
-    newest is served). An MLflow `runs:/...` or `models:/...` URI is downloaded first.
+    `train --local`'s), or a run directory (its `model/`, else its newest checkpoint); see
+    bitlm.checkpoint.resolve_pretrained. An MLflow `runs:/...` or `models:/...` URI is downloaded
+    first, and the download removed again when the source is refused. The model is checked by
+    bitlm.checkpoint.validate_pretrained (config, format, tensor names and shapes) without loading it.
     """
     roots = [Path(r).resolve() for r in (allowed_roots or default_roots())]
+    download = None
     if _MLFLOW_URI.match(source):
-        local = _download(source)
+        download, local = _download(source)
         roots.append(download_root().resolve())
     else:
         local = Path(source).expanduser()
+    try:
+        return _checked(source, local, roots)
+    except BaseException:
+        if download is not None:
+            shutil.rmtree(download, ignore_errors=True)
+        raise
+
+
+def _checked(source: str, local: Path, roots: list[Path]) -> Path:
     try:
         resolved = local.resolve(strict=True)  # follows every symlink, so the check below sees the real place
     except (FileNotFoundError, RuntimeError):
         raise SourceError(f"model source {source!r}: no such directory") from None
     _check_inside(resolved, roots, source)
-    model_dir = _model_directory(resolved, source)
-    _check_inside(model_dir, roots, source)
-    for name in (CONFIG, WEIGHTS):
-        _check_inside((model_dir / name).resolve(strict=True), roots, source)
+    try:
+        model_dir = resolve_pretrained(resolved).resolve()
+        _check_inside(model_dir, roots, source)
+        for name in ("config.json", WEIGHTS):
+            if (model_dir / name).exists():
+                _check_inside((model_dir / name).resolve(strict=True), roots, source)
+        validate_pretrained(model_dir)
+    except SourceError:
+        raise
+    except CheckpointError as err:  # the same line `bitlm generate` and `bitlm eval` print
+        raise SourceError(f"model source {source!r}: {err}") from None
     return model_dir
 
 
@@ -61,51 +80,30 @@ def _check_inside(path: Path, roots: list[Path], source: str) -> None:
                           f"{[str(r) for r in roots]} (set BITLM_SERVE_ROOTS or allowed_roots)")
 
 
-def _model_directory(path: Path, source: str) -> Path:
-    if not path.is_dir():
-        raise SourceError(f"model source {source!r}: {path} is not a directory")
-    if (path / CONFIG).is_file():
-        return _check_weights(path, source)
-    if (path / "model" / CONFIG).is_file():  # `bitlm train` output, or an MLflow pyfunc's artifacts
-        return _check_weights((path / "model").resolve(), source)
-    if (path / "artifacts" / "model" / CONFIG).is_file():  # a downloaded MLflow pyfunc model
-        return _check_weights((path / "artifacts" / "model").resolve(), source)
-    checkpoints = sorted(p for p in path.iterdir() if p.is_dir() and _CHECKPOINT_DIR.match(p.name)
-                         and (p / CONFIG).is_file())
-    if not checkpoints and (path / "checkpoints").is_dir():
-        return _model_directory(path / "checkpoints", source)
-    if not checkpoints:
-        raise SourceError(f"model source {source!r}: no {CONFIG} in {path} (nor model/, nor checkpoint subdirectories)")
-    return _check_weights(max(checkpoints, key=lambda p: int(re.sub(r"\D", "", p.name))).resolve(), source)
-
-
-def _check_weights(path: Path, source: str) -> Path:
-    if (path / WEIGHTS).is_file():
-        return path
-    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
-    if pickled:
-        raise SourceError(f"model source {source!r}: {path} holds pickled weights {pickled}; only {WEIGHTS} "
-                          "is loaded (pickles can run code) — convert with bitlm's save_pretrained")
-    raise SourceError(f"model source {source!r}: {path} has no {WEIGHTS}")
-
-
-def _download(uri: str) -> Path:
-    """Download an MLflow model (its save_pretrained artifact included) into the serve cache."""
+def _download(uri: str) -> tuple[Path, Path]:
+    """(download directory, model directory in it) of an MLflow model; nothing is left behind on failure."""
+    store = default_tracking_uri()  # the store training logs to
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store here just to find nothing in it
+        raise SourceError(f"model source {uri!r}: no MLflow store at {store.removeprefix('sqlite:///')} "
+                          "(run from the directory you trained in, or set MLFLOW_TRACKING_URI)")
     import mlflow
 
-    from bitlm.store import default_tracking_uri
-
-    mlflow.set_tracking_uri(default_tracking_uri())  # the store training logs to
+    mlflow.set_tracking_uri(store)
     root = download_root()
     root.mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix="model-", dir=root))
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
-    except Exception as err:  # MlflowException, or a store error: one clear message either way
-        raise SourceError(f"model source {uri!r}: MLflow download failed: {err}") from None
-    # a pyfunc logged by pipelines.tracking keeps the save_pretrained directory among its artifacts
-    found = sorted({p.parent for p in local.rglob(CONFIG) if (p.parent / WEIGHTS).is_file()})
-    if len(found) != 1:
-        raise SourceError(f"model source {uri!r}: expected one bitlm model directory ({CONFIG} + {WEIGHTS}) "
-                          f"in the download, found {len(found)}")
-    return found[0]
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(target)))
+        except Exception as err:  # MlflowException, or a store error: one clear message either way
+            raise SourceError(f"model source {uri!r}: MLflow download failed: {err}") from None
+        # a pyfunc logged by pipelines.tracking keeps the save_pretrained directory among its artifacts
+        found = sorted({p.parent for p in local.rglob("config.json") if (p.parent / WEIGHTS).is_file()})
+        if len(found) != 1:
+            raise SourceError(f"model source {uri!r}: expected one bitlm model directory (config.json + {WEIGHTS}) "
+                              f"in the download, found {len(found)}")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    return target, found[0]

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import click
 
+from . import loading
 from .options import diffusion_options
+
+# diffusion sampling divides by the temperature: 0 (greedy) is sampled as this, as the server does
+MIN_DIFFUSION_TEMPERATURE = 1e-30
 
 
 @click.command("generate")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompt", default="The ", show_default=True, help="Text to continue (at least one byte).")
-@click.option("--max-new-bytes", default=200, show_default=True, help="Bytes to generate.")
-@click.option("--temperature", default=0.8, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=None, help="Keep the k most likely values (bit models have 2).")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling mass in (0, 1].")
-@click.option("--seed", type=int, default=None, help="Random seed for a reproducible sample.")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False), callback=loading.model_dir)
+@click.option("--prompt", default="The ", show_default=True, callback=loading.utf8_text,
+              help="Text to continue (at least one byte).")
+@click.option("--max-new-bytes", default=200, show_default=True, type=click.IntRange(min=0), help="Bytes to generate.")
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0), callback=loading.finite,
+              help="0 = greedy.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None,
+              help="Keep the k most likely values (bit models have 2).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, callback=loading.finite,
+              help="Nucleus sampling mass in (0, 1].")
+@click.option("--seed", type=loading.SEEDS, default=None, help="Random seed for a reproducible sample.")
 @diffusion_options
 @click.option("--safe", is_flag=True, help="Gate the sample on C and S (retrying a blocked one with new seeds).")
-@click.option("--c-floor", type=float, default=0.3, show_default=True, help="With --safe: minimum LZ complexity C.")
-@click.option("--s-floor", type=float, default=0.5, show_default=True, help="With --safe: minimum symbiosis S.")
-@click.option("--max-retries", type=int, default=2, show_default=True, help="With --safe: retries after a block.")
+@click.option("--c-floor", type=click.FloatRange(0, 1), default=0.3, show_default=True, callback=loading.finite,
+              help="With --safe: minimum LZ complexity C.")
+@click.option("--s-floor", type=click.FloatRange(0, 1), default=0.5, show_default=True, callback=loading.finite,
+              help="With --safe: minimum symbiosis S.")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="With --safe: retries after a block.")
 @click.option("--strict", is_flag=True, help="With --safe: exit with an error when every attempt is blocked.")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--device", default=None, callback=loading.device,
+              help="torch device (default: cuda if available, else cpu).")
 def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, diffusion, noise_schedule,
                      diffusion_steps, safe, c_floor, s_floor, max_retries, strict, device):
     """Continue --prompt with the model in MODEL_DIR.
@@ -34,6 +46,8 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     from ..engine import resolve_device
     from ..sampling import generate
 
+    if diffusion_steps is not None and diffusion_steps < 1:
+        raise click.BadParameter(f"{diffusion_steps} is not in the range x>=1", param_hint="'--diffusion-steps'")
     model = from_pretrained(model_dir, device=resolve_device(device))
     if diffusion and model.config.causal:
         raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")
@@ -44,7 +58,8 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     try:
         if not model.config.causal:
             out = diffusion_sample(model, prompt, max_new_bytes, steps=diffusion_steps or 16,
-                                   schedule=noise_schedule or "cosine", temperature=temperature or 1.0, seed=seed)
+                                   schedule=noise_schedule or "cosine", temperature=_diffusion_temperature(temperature),
+                                   seed=seed)
         else:
             out = generate(model, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
                            seed=seed)
@@ -62,12 +77,13 @@ def _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_f
     from ..safety import SafetyBlocked, safe_sample_with_retry
 
     def diffusion_sampler(m, p, n, s):
-        return diffusion_sample(m, p, n, steps=steps, schedule=schedule, seed=s)
+        return diffusion_sample(m, p, n, steps=steps, schedule=schedule,
+                                temperature=_diffusion_temperature(temperature), seed=s)
 
     try:
         text, verdict = safe_sample_with_retry(
             model, prompt, max_new_bytes, max_retries=max_retries, c_floor=c_floor, s_floor=s_floor, strict=strict,
-            seed=0 if seed is None else seed, temperature=temperature or 0.8,
+            seed=0 if seed is None else seed, temperature=temperature,
             diffusion_sampler=None if model.config.causal else diffusion_sampler)
     except SafetyBlocked as blocked:
         click.echo(blocked.verdict.to_json(), err=True)
@@ -76,3 +92,7 @@ def _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_f
         raise click.BadParameter(str(err)) from None
     click.echo(text)
     click.echo(verdict.to_json(), err=True)
+
+
+def _diffusion_temperature(temperature: float) -> float:
+    return max(temperature, MIN_DIFFUSION_TEMPERATURE)

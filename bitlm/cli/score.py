@@ -6,14 +6,17 @@ from pathlib import Path
 
 import click
 
+from . import loading
+
 
 @click.command("eval")
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False), callback=loading.model_dir)
 @click.argument("text_file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--max-bytes", type=int, default=None, help="Score only the first N bytes.")
-@click.option("--overlap-bytes", type=int, default=None,
+@click.option("--max-bytes", type=click.IntRange(min=2), default=None, help="Score only the first N bytes.")
+@click.option("--overlap-bytes", type=click.IntRange(min=0), default=None,
               help="Context carried between sliding windows (default: half the model's context).")
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--device", default=None, callback=loading.device,
+              help="torch device (default: cuda if available, else cpu).")
 @click.option("--noise-schedule", default="cosine", show_default=True,
               type=click.Choice(["linear", "cosine", "exp", "loglinear"]),
               help="Schedule of the ELBO estimate for diffusion models (the bound holds for any).")
@@ -29,8 +32,18 @@ def eval_command(model_dir, text_file, max_bytes, overlap_bytes, noise_schedule,
     from ..engine import resolve_device
     from ..evaluation import evaluate_text
 
-    data = Path(text_file).read_bytes()[:max_bytes]
+    try:
+        data = Path(text_file).read_bytes()[:max_bytes]
+    except OSError as err:
+        raise click.BadParameter(f"{text_file}: cannot be read ({err.strerror})", param_hint="'TEXT_FILE'") from None
+    if len(data) < 2:  # the first byte has no context: at least 2 bytes to score one
+        raise click.BadParameter(f"{text_file}: {len(data)} byte(s) to score; at least 2 bytes are needed",
+                                 param_hint="'TEXT_FILE'")
     model = from_pretrained(model_dir, device=resolve_device(device))
+    context = model.config.max_input_ids // model.config.ids_per_byte
+    if overlap_bytes is not None and overlap_bytes >= context:
+        raise click.BadParameter(f"{overlap_bytes} must be below the model's context of {context} bytes",
+                                 param_hint="'--overlap-bytes'")
     try:
         result = evaluate_text(model, data, overlap_bytes=overlap_bytes, noise_schedule=noise_schedule)
     except ValueError as err:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
+import socket
 import time
 
 import click
@@ -32,18 +35,27 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
     beyond these options: `serve run serve.app:build_app model=... max_new_bytes=...` or
     serve/serve_config.yaml with `serve deploy`.
     """
-    import ray
-    from ray import serve as ray_serve
-
     from serve.app import build_app
-    from serve.sources import SourceError
+    from serve.audit import AuditLogError
 
+    # everything that can go wrong here is found before Ray starts: one line instead of Ray's retries
+    if address is None:  # on a cluster the proxy binds there, and the cluster's CPUs count
+        _check_bindable(host, port)
+        n_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        if replicas * num_cpus > n_cpus:  # the local Ray would wait forever to place the replicas
+            raise click.BadParameter(f"{replicas} replica(s) x {num_cpus:g} CPUs exceed the {n_cpus} CPUs of this "
+                                     "machine; lower --num-cpus or --replicas", param_hint="--num-cpus")
     args = {"model": source, "num_replicas": replicas, "num_cpus": num_cpus, "max_batch_size": max_batch_size,
             "allowed_roots": list(allowed_roots), "audit_log": audit_log}
     try:
-        app = build_app(args)
-    except (SourceError, ValueError) as err:
+        app = build_app(args)  # resolves and validates the model, opens the audit log
+    except AuditLogError as err:
+        raise click.BadParameter(str(err), param_hint="--audit-log") from None
+    except ValueError as err:  # SourceError, CheckpointError
         raise click.BadParameter(str(err), param_hint="--model") from None
+    import ray
+    from ray import serve as ray_serve
+
     # without --address always a new local instance, never another cluster this machine happens to run
     ray.init(address=address or "local", include_dashboard=False if address is None else None,
              log_to_driver=address is None)
@@ -64,3 +76,21 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """BadParameter naming --port (in use) or --host (not an address of this machine) unless HOST:PORT can be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise click.BadParameter(f"{host!r} does not resolve ({err.strerror})", param_hint="--host") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the proxy's server binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise click.BadParameter(f"port {port} on {host} is in use (stop what listens there, or pick "
+                                         "another --port)", param_hint="--port") from None
+            raise click.BadParameter(f"cannot bind {host}:{port} ({err.strerror})", param_hint="--host") from None
