@@ -36,7 +36,7 @@ MIN_DIFFUSION_TEMPERATURE = 1e-30
               help="torch device (default: cuda if available, else cpu).")
 def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, diffusion, noise_schedule,
                      diffusion_steps, safe, c_floor, s_floor, max_retries, strict, device):
-    """Continue --prompt with the model in MODEL_DIR.
+    """Continue --prompt with the model in MODEL_DIR (a model, checkpoint or run directory).
 
     Causal models decode with the KV cache; non-causal (diffusion) models, or --diffusion, fill the
     continuation by reverse diffusion. Parity is enforced after sampling either way.

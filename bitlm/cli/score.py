@@ -22,9 +22,9 @@ from . import loading
               help="Schedule of the ELBO estimate for diffusion models (the bound holds for any).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_command(model_dir, text_file, max_bytes, overlap_bytes, noise_schedule, device, as_json):
-    """Score TEXT_FILE under the model in MODEL_DIR: bits per byte (every byte but the first) and
-    mean K (negentropy), C (LZ complexity) and S (symbiosis) over 512-byte windows, with gzip -9 and
-    xz -9e on the same bytes for reference."""
+    """Score TEXT_FILE under the model in MODEL_DIR (a model, checkpoint or run directory): bits per
+    byte (every byte but the first) and mean K (negentropy), C (LZ complexity) and S (symbiosis)
+    over 512-byte windows, with gzip -9 and xz -9e on the same bytes for reference."""
     import json
 
     from ..baselines import compressor_bpb

@@ -13,8 +13,8 @@ import click
 
 @click.command("serve")
 @click.option("--model", "source", required=True,
-              help="A save_pretrained or checkpoint directory (under an allowed root), runs:/<id>/model or "
-                   "models:/<name>@<alias>.")
+              help="A save_pretrained, checkpoint or run directory (its model/, else its newest checkpoint) "
+                   "under an allowed root, runs:/<id>/model or models:/<name>@<alias>.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy binds.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1), help="Model replicas.")

@@ -95,6 +95,9 @@ def test_healthz_answers_while_stalled_clients_hold_every_request_slot(hostile):
     with ExitStack() as stack:
         for _ in range(N_STALLED):
             stack.enter_context(stalled_request(port, token=TOKEN))
+            # and as many that stop inside their headers (they never reach a replica)
+            stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5)).sendall(
+                b"POST /v1/score HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         deadline = time.monotonic() + BODY_TIMEOUT_S
         busy = None
         while time.monotonic() < deadline:  # until the stalled requests fill the replica
