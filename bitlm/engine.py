@@ -44,6 +44,9 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"training step {step}: {what}; training stopped and {kept} "
                          "(a smaller train.lr, train.lambda_k/c/s or train.grad_clip usually helps)")
 
+    def __reduce__(self):  # Ray sends a worker's exception to the driver pickled; rebuild it from its fields
+        return (type(self), (self.step, self.what, self.checkpoint))
+
 
 class MetricDriftWarning(UserWarning):
     """A validation telemetry metric moved by more than train.drift_threshold between windows."""

@@ -337,7 +337,15 @@ def main(config_file, sets, address):
         cfg = load_config(config_file, sets)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
-    result = run_training(cfg, address=address)
+    from ray.train import TrainingFailedError
+
+    from bitlm.cli import console
+
+    console.quiet()  # a job's log shows our lines, as `bitlm train` does
+    try:
+        result = run_training(cfg, address=address)
+    except TrainingFailedError as err:
+        raise click.ClickException(failure_text(err)) from None
     click.echo(summary(result))
 
 
@@ -358,6 +366,34 @@ def run_training(cfg: PipelineConfig, *, address: Optional[str] = None):
 def ray_address(address: Optional[str]) -> str:
     """The cluster to join: `address`, else RAY_ADDRESS, else "local" (a new local Ray, never another one found)."""
     return address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def failure_text(error: BaseException) -> str:
+    """One line saying why a Ray Train run failed: the workers' own error where there is one.
+
+    Ray wraps a worker's exception (WorkerGroupError -> RayTaskError -> the exception) and prints
+    pages of actor metadata around it; our errors (a non-finite loss, a damaged checkpoint) already
+    name the step or the file.
+    """
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = _root_cause(failure)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        return f"training failed on worker {rank}: {first}"
+    cause = _root_cause(getattr(error, "controller_failure", None) or error)
+    text = str(cause).strip().splitlines()
+    return f"training failed: {text[0] if text else type(cause).__name__}"
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "cause", None) or error.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
 
 
 def summary(result) -> str:

@@ -206,12 +206,16 @@ def _read_manifest(data_dir: Path) -> dict:
 
 
 def run_ray_training(cfg, address):
-    from pipelines.train import run_training
+    from ray.train import TrainingFailedError
+
+    from pipelines.train import failure_text, run_training
 
     try:
         return run_training(cfg, address=address)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    except TrainingFailedError as err:  # Ray's pages of worker metadata, cut to the workers' own error
+        raise click.ClickException(failure_text(err)) from None
 
 
 @click.command("demo")

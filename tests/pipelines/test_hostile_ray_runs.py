@@ -115,3 +115,27 @@ def test_a_fresh_ray_run_starts_over_and_keeps_its_neighbours(ray_run, corpus_di
     assert sorted(p.name for p in ray_run.glob("step-*")) == ["step-00000001"]
     assert (ray_run / "mlflow_run_id").read_text() != earlier_id  # a new MLflow run, too
     assert (ray_run.parent / "neighbour.txt").read_text() == "kept\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_diverging_ray_run_ends_in_one_line_naming_the_step(ray_local, tracking, corpus_dir, tmp_path):
+    # the worker's NonFiniteLossError must survive Ray's pickling (it once lost its fields on the way)
+    result = CliRunner().invoke(main, ["train", "--data", str(corpus_dir), "--out", str(tmp_path / "run"), *FAST,
+                                       "--steps", "6", "--set", "train.lr=1e30", "--set", "train.checkpoint_every=1"])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "training failed on worker 0: training step" in errors[0], result.output
+    assert "nan" in errors[0] or "inf" in errors[0]
+    assert "Traceback" not in result.output
+
+
+def test_failure_text_names_the_workers_own_error():
+    import pickle
+
+    from ray.train import WorkerGroupError
+
+    from bitlm.engine import NonFiniteLossError
+
+    error = pickle.loads(pickle.dumps(WorkerGroupError("Training failed", {0: NonFiniteLossError(7, "the loss is nan", None)})))
+    assert pipeline.failure_text(error).startswith("training failed on worker 0: training step 7: the loss is nan;")
