@@ -118,6 +118,9 @@ class SafetyBlocked(RuntimeError):
         super().__init__(f"safety gate blocked stream {verdict.stream!r} "
                          f"after {verdict.n_observed} observations: {broken}")
 
+    def __reduce__(self):  # pickled across processes (Ray) it is rebuilt from its verdict, not its message
+        return (type(self), (self.verdict,))
+
 
 @dataclass
 class _StreamState:

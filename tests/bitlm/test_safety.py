@@ -179,6 +179,15 @@ def test_strict_mode_raises_with_the_verdict_attached(model):
     assert any("floor 0.300" in r for r in verdict.reasons)
 
 
+def test_a_strict_block_survives_pickling_with_its_verdict(model):
+    import pickle
+
+    with pytest.raises(SafetyBlocked) as info:
+        hil_safe_inference(model, bytes_to_bits(LOOP), strict=True)
+    copy = pickle.loads(pickle.dumps(info.value))  # as Ray sends it from a worker or replica
+    assert copy.verdict == info.value.verdict and str(copy) == str(info.value)
+
+
 def test_a_gate_sets_the_floors_and_refuses_conflicting_ones(model):
     gate = SafetyGate(c_floor=0.05, s_floor=0.5)
     _, verdict = hil_safe_inference(model, bytes_to_bits(LOOP), gate=gate, stream="s")
