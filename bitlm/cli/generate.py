@@ -46,8 +46,6 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     from ..engine import resolve_device
     from ..sampling import generate
 
-    if diffusion_steps is not None and diffusion_steps < 1:
-        raise click.BadParameter(f"{diffusion_steps} is not in the range x>=1", param_hint="'--diffusion-steps'")
     model = from_pretrained(model_dir, device=resolve_device(device))
     if diffusion and model.config.causal:
         raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")

@@ -79,7 +79,7 @@ def diffusion_options(fn):
         click.option("--diffusion", is_flag=True, help="Masked-diffusion (non-causal) mode instead of next-bit."),
         click.option("--noise-schedule", type=click.Choice(typing.get_args(NoiseSchedule)), default=None,
                      help="Mask-rate schedule m(t) [default: cosine]."),
-        click.option("--diffusion-steps", type=int, default=None, help="Reverse-diffusion steps when sampling [16]."),
+        click.option("--diffusion-steps", type=click.IntRange(min=1), default=None, help="Reverse-diffusion steps when sampling [16]."),
     ]
     for option in reversed(options):
         fn = option(fn)

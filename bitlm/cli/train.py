@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from . import loading
 from .options import DEFAULT_KIND, build_experiment, diffusion_options, diffusion_sets, model_options
 
 
@@ -145,7 +146,8 @@ def _score_text(metrics) -> str:
               help="Continue from the newest checkpoint of the run if there is one.")
 @diffusion_options
 @click.option("--diffusion-curriculum", is_flag=True, help="Draw heavy noise early in training, uniform by the end.")
-@click.option("--device", default=None, help="--local: torch device (default: cuda if available, else cpu).")
+@click.option("--device", default=None, callback=loading.device,
+              help="--local: torch device (default: cuda if available, else cpu).")
 @click.option("--workers", type=int, default=None, help="Ray: training workers [run.num_workers=2].")
 @click.option("--strategy", type=click.Choice(["ddp", "fsdp", "pipeline"]), default=None,
               help="Ray: data parallel (ddp), sharded data parallel (fsdp) or one pipeline stage per worker "
