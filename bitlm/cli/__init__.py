@@ -12,6 +12,7 @@ from .prepare import prepare_command
 from .score import eval_command
 from .serve import serve_command
 from .train import demo_command, train_command
+from .tune import tune_command
 from .ui import ui_command
 
 
@@ -48,3 +49,4 @@ main.add_command(generate_command)
 main.add_command(demo_command)
 main.add_command(ui_command)
 main.add_command(serve_command)
+main.add_command(tune_command)

@@ -1,0 +1,449 @@
+"""The Tuner: every trial is a Ray Train run (pipelines.train.train_driver) and an MLflow child run.
+
+Ray's split (doc_code/train_tune_interop.py): `run_trial` is Tune's function trainable, one
+training run per trial; `run_search` builds the Tuner (ASHA or FIFO, random or grid search),
+restores it when asked, and writes the results table, the best config and the MLflow parent.
+`python -m tune.search ...` is the `ray job submit` entry point (the options of `bitlm tune`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
+
+from bitlm.config import apply_overrides, flatten, from_dict, to_dict, to_json
+from pipelines.train import PipelineConfig
+
+from .spaces import Space, is_safety_key, space_from_dict, split_assignments, to_tune, trial_assignments, validate
+
+Scheduler = Literal["asha", "fifo"]
+METRIC = "objective"  # what Tune minimises; the space says what it stands for
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag (mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID)
+TRIAL_TAG = "bitlm.tune.trial_id"
+RUN_ID_FILE = "mlflow_run_id"  # the name train_driver reuses, so a resumed trial logs into the same child
+PARENT_ID_FILE = "mlflow_parent_run_id"
+STOP_FILE = "tune_stop"  # written by the scheduler: the trial's Train run aborts itself
+# reported to Tune and logged to MLflow: the eval metrics, never Ray's bookkeeping (pid, hostname, ...)
+_SCORES = ("val/bpb", "val/elbo_bpb")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """One search: a space over a base config, its scheduler, its resources and where it lives."""
+
+    space: Space
+    base: PipelineConfig
+    num_samples: int = 8  # random: trials; grid: repeats of the grid
+    search: Optional[Literal["random", "grid"]] = None  # None: the space's default
+    grid_points: int = 3  # grid search: points per range
+    scheduler: Scheduler = "asha"
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_t: int = 100  # evaluations at most per trial
+    max_concurrent: Optional[int] = None  # None: as many as the cluster can place
+    trial_cpus: float = 0.5  # the trial driver (it waits on its Train run); its workers come on top
+    storage_path: str = "runs/tune"
+    name: str = ""  # experiment directory under storage_path; default: the space's name
+    seed: int = 0  # random search: the sampler's seed
+    n_probes: int = 32  # gate probe streams per set (bpb+gate objective)
+    stop_after: Optional[int] = None  # end this session after N trials complete (resume later)
+
+    def __post_init__(self) -> None:
+        checks = [(self.num_samples >= 1, "num_samples", "must be >= 1"),
+                  (self.grid_points >= 1, "grid_points", "must be >= 1"),
+                  (self.grace_period >= 1, "grace_period", "must be >= 1"),
+                  (self.reduction_factor >= 2, "reduction_factor", "must be >= 2"),
+                  (self.max_t >= self.grace_period, "max_t", "must be >= grace_period"),
+                  (self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent", "must be >= 1"),
+                  (self.trial_cpus > 0, "trial_cpus", "must be > 0 (Tune refuses 0; use a fraction)"),
+                  (self.n_probes >= 1, "n_probes", "must be >= 1"),
+                  (self.stop_after is None or self.stop_after >= 1, "stop_after", "must be >= 1"),
+                  (self.scheduler in ("asha", "fifo"), "scheduler", "must be 'asha' or 'fifo'")]
+        for ok, name, message in checks:
+            if not ok:
+                raise ValueError(f"tune.{name}: {message}, got {getattr(self, name)!r}")
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.storage_path).resolve() / (self.name or self.space.name)
+
+    @property
+    def search_kind(self) -> str:
+        return self.search or self.space.search
+
+
+# ----------------------------------------------------------------------------------------------
+# resources
+
+
+def trial_demand(base: PipelineConfig, trial_cpus: float) -> dict[str, float]:
+    """What one trial holds while it runs: its driver plus its Train workers."""
+    run = base.run
+    return {"CPU": trial_cpus + run.num_workers * run.cpus_per_worker, "GPU": float(run.num_workers if run.use_gpu else 0)}
+
+
+def placeable_trials(demand: dict[str, float], cluster: dict[str, float]) -> int:
+    """How many trials the cluster can run at once (0: not even one fits)."""
+    counts = [math.floor(cluster.get(name, 0.0) / need + 1e-9) for name, need in demand.items() if need > 0]
+    return min(counts) if counts else 0
+
+
+def concurrency(demand: dict[str, float], cluster: dict[str, float], requested: Optional[int]) -> tuple[int, str]:
+    """(max_concurrent_trials, the line that says how it was chosen); ValueError when no trial fits."""
+    fits = placeable_trials(demand, cluster)
+    need = ", ".join(f"{v:g} {k}" for k, v in demand.items() if v > 0)
+    have = ", ".join(f"{cluster.get(k, 0.0):g} {k}" for k in demand if demand[k] > 0)
+    if fits < 1:
+        raise ValueError(f"tune: a trial needs {need} (driver + run.num_workers x run.cpus_per_worker) but the "
+                         f"cluster has {have}; lower run.num_workers, run.cpus_per_worker or --trial-cpus")
+    if requested is None:
+        return fits, f"concurrency: {fits} trial(s) at a time (each holds {need}; the cluster has {have})"
+    if requested > fits:
+        return fits, (f"concurrency: {fits} trial(s) at a time, not the {requested} asked for (each holds {need}; "
+                      f"the cluster has {have}; more would sit PENDING)")
+    return requested, f"concurrency: {requested} trial(s) at a time, as asked (each holds {need}; the cluster has {have})"
+
+
+# ----------------------------------------------------------------------------------------------
+# in the trial
+
+
+def trial_config(space: Space, base: PipelineConfig, config: dict[str, Any], trial_id: str,
+                 runs_dir: Path) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The trial's PipelineConfig (Train run named after the trial) and its gate settings outside the config."""
+    sets, safety = split_assignments(trial_assignments(space, config), base)
+    cfg = apply_overrides(base, sets)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_id, storage_path=str(runs_dir))), safety
+
+
+def _gate_settings(cfg: PipelineConfig, safety: dict[str, Any]):
+    from bitlm.safety import SafetyConfig
+
+    section = getattr(cfg, "safety", None)  # once the experiment config holds the gate's settings
+    if section is not None:
+        return SafetyConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
+    return SafetyConfig(**safety)
+
+
+def _measure_gate(cfg: PipelineConfig, safety: dict[str, Any], n_probes: int) -> dict[str, float]:
+    import numpy as np
+
+    from bitlm.data import Corpus
+
+    from .probes import gate_error_rates
+
+    corpus = Corpus.open(cfg.run.data)
+    val_text = np.ascontiguousarray(corpus.val.to_numpy()).tobytes()
+    return gate_error_rates(val_text, corpus.phase_marginals(cfg.model.parity), _gate_settings(cfg, safety),
+                            parity=cfg.model.parity, n_probes=n_probes, seed=cfg.train.seed)
+
+
+def objective(space: Space, metrics: dict[str, Any], gate: dict[str, float]) -> Optional[float]:
+    """The space's objective from one evaluation (None when the evaluation lacks its score)."""
+    score = metrics.get("val/elbo_bpb" if space.objective == "val/elbo_bpb" else "val/bpb")
+    if not isinstance(score, (int, float)):
+        return None
+    if space.objective != "bpb+gate":
+        return float(score)
+    errors = gate["gate/false_block_rate"] + gate["gate/loop_miss_rate"] + gate["gate/random_miss_rate"]
+    return float(score) + space.penalty_weight * errors
+
+
+def _make_reporter(space: Space, gate: dict[str, float], stop_file: Path):
+    """A TuneReportCallback that forwards evaluations only (eval metrics, `objective`, gate rates).
+
+    It lives in the Train controller, and ends the run there when the scheduler asks for a stop
+    (stop_file): an aborted controller removes its workers' placement group, while a trial
+    killed by Tune leaves it reserved until Train's cleaner notices (not at all without the
+    dashboard's state API), and the next trial waits for the CPUs.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvalReport(TuneReportCallback):
+        _watching = False
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if not self._watching:
+                self._watching = True
+                threading.Thread(target=_abort_when_asked, args=(stop_file,), daemon=True).start()
+            first = metrics[0]
+            # checkpoint and final reports repeat the last evaluation; scaling events carry no score
+            if stop_file.exists() or "final" in first or "event" in first or not any(k in first for k in _SCORES):
+                return
+            value = objective(space, first, gate)
+            if value is None:
+                return
+            kept = {k: v for k, v in first.items()
+                    if (k.startswith(("val/", "train/")) or k in ("step", "train_seconds", "bytes_seen"))
+                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            self._training_actor_item_queue.put(kept | gate | {METRIC: value})
+
+    return EvalReport()
+
+
+def _abort_when_asked(stop_file: Path, poll_s: float = 0.25) -> None:
+    """In the Train controller: abort this run (workers and placement group released) once stop_file appears."""
+    import ray
+
+    while not stop_file.exists():
+        time.sleep(poll_s)
+    ray.get_runtime_context().current_actor.abort.remote()
+
+
+class _GracefulStop:
+    """Scheduler mixin: a stop (early, or at max_t) becomes a stop file the trial's controller acts on.
+
+    The trial then ends by itself (see _make_reporter) and Tune sees it finish; Tune's own stop
+    would kill the trial actor and strand its Train workers' resources.
+    """
+
+    def _graceful(self, trial, result, action: str) -> str:
+        stop_file = self._runs_dir / trial.trial_id / STOP_FILE
+        if stop_file.exists():
+            return "CONTINUE"
+        iteration = int(result.get("training_iteration", 0))
+        if action == "STOP" or iteration >= self._max_evals:
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            status = "finished" if iteration >= self._max_evals else "stopped early"
+            stop_file.write_text(f"{status} at eval {iteration}\n")
+        return "CONTINUE"
+
+
+def _scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction_factor: int, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    class GracefulASHA(_GracefulStop, ASHAScheduler):
+        def __init__(self):
+            ASHAScheduler.__init__(self, time_attr="training_iteration", grace_period=grace_period,
+                                   reduction_factor=reduction_factor, max_t=max_t)
+            self._runs_dir, self._max_evals = runs_dir, max_t
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._graceful(trial, result, ASHAScheduler.on_trial_result(self, tune_controller, trial, result))
+
+    class GracefulFIFO(_GracefulStop, FIFOScheduler):
+        def __init__(self):
+            FIFOScheduler.__init__(self)
+            self._runs_dir, self._max_evals = runs_dir, max_t
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._graceful(trial, result, "CONTINUE")
+
+    return GracefulASHA() if kind == "asha" else GracefulFIFO()
+
+
+def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], safety: dict[str, Any], trial_id: str,
+               parent_run_id: str, uri: str) -> str:
+    """The trial's MLflow child run: created once with the full flattened config, reused when the trial resumes."""
+    from pipelines.tracking import RunTracker
+
+    id_file = Path(cfg.run.storage_path) / cfg.run.name / RUN_ID_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(cfg).items()}
+    params |= {f"safety.{k}": v for k, v in safety.items()}
+    params |= {f"search.{k}": v for k, v in config.items() if "." not in k}  # bundle labels, e.g. search.kind
+    tracker = RunTracker.start(cfg.run.experiment, trial_id, params, system_metrics=False, uri=uri,
+                               tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "bitlm.tune.space": space.name,
+                                     "bitlm.strategy": cfg.run.strategy, "bitlm.arch": cfg.model.arch})
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(tracker.run_id)
+    return tracker.run_id
+
+
+def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """Tune's trainable: one Train run per trial, named after the trial id (a restored trial resumes it)."""
+    from ray import tune
+
+    from pipelines.train import train_driver
+
+    space = space_from_dict(setup["space"])
+    base = from_dict(PipelineConfig, setup["base"])
+    trial_id = tune.get_context().get_trial_id()
+    # train_driver reads the store from the environment; this actor may predate the search's setting
+    os.environ["MLFLOW_TRACKING_URI"] = setup["tracking_uri"]
+    cfg, safety = trial_config(space, base, config, trial_id, Path(setup["runs_dir"]))
+    gate = _measure_gate(cfg, safety, setup["n_probes"]) if space.objective == "bpb+gate" else {}
+    run_id = None
+    if cfg.run.tracking and setup.get("parent_run_id"):
+        run_id = _child_run(cfg, space, config, safety, trial_id, setup["parent_run_id"], setup["tracking_uri"])
+        if gate:
+            from pipelines.tracking import RunTracker
+
+            tracker = RunTracker.start("", "", {}, run_id=run_id, system_metrics=False, uri=setup["tracking_uri"])
+            tracker.log_metrics(gate, 0)
+            tracker.flush()
+    stop_file = Path(cfg.run.storage_path) / trial_id / STOP_FILE
+    try:
+        train_driver(cfg, callbacks=(_make_reporter(space, gate, stop_file),), mlflow_run_id=run_id)
+    except Exception:
+        if not stop_file.exists():
+            raise
+        # the scheduler's stop, carried out by aborting the Train run: the trial ends normally
+
+
+# ----------------------------------------------------------------------------------------------
+# on the search's driver
+
+
+def _progress_callback(*args, **kwargs):
+    from .progress import SearchProgress
+
+    return SearchProgress(*args, **kwargs)
+
+
+def _parent_run(search: SearchConfig, uri: str) -> Optional[str]:
+    """The search's MLflow parent run: created once per experiment directory, reused on --resume."""
+    if not search.base.run.tracking:
+        return None
+    from pipelines.tracking import RunTracker
+
+    id_file = search.experiment_dir / PARENT_ID_FILE
+    if id_file.exists():
+        return id_file.read_text().strip()
+    params = {"tune.space": search.space.name, "tune.objective": search.space.objective,
+              "tune.search": search.search_kind, "tune.num_samples": search.num_samples,
+              "tune.scheduler": search.scheduler, "tune.grace_period": search.grace_period,
+              "tune.reduction_factor": search.reduction_factor, "tune.max_t": search.max_t,
+              "tune.seed": search.seed, "tune.searched": json.dumps(sorted(search.space.params))}
+    tracker = RunTracker.start(search.base.run.experiment, f"tune-{search.name or search.space.name}", params,
+                               system_metrics=False, uri=uri, tags={"bitlm.tune.role": "search"})
+    tracker.log_dict(search.space.to_dict(), "space.json")
+    search.experiment_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(tracker.run_id)
+    return tracker.run_id
+
+
+def expected_trials(search: SearchConfig) -> int:
+    """Trials the search makes in all: num_samples for random search, times the grid's size for grid search."""
+    size = 1
+    for value in to_tune(search.space, search.search, search.grid_points).values():
+        if isinstance(value, dict) and "grid_search" in value:
+            size *= len(value["grid_search"])
+    return search.num_samples * size
+
+
+def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[str], None] = print):
+    """Validate, build (or restore) and run the Tuner; write results.csv and best_config.json; returns a SearchOutcome.
+
+    Ray must be initialised (run_search_cli connects); validation happens before any trial starts.
+    """
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from bitlm.cli.console import is_verbose
+    from pipelines.tracking import tracking_uri
+
+    from .report import write_outcome
+
+    base = search.base
+    validate(search.space, base)
+    if not base.run.data or not (Path(base.run.data) / "manifest.json").exists():
+        raise ValueError(f"run.data: {base.run.data or '(empty)'} holds no manifest.json (write it with `bitlm prepare`)")
+    base = dataclasses.replace(base, run=dataclasses.replace(base.run, data=str(Path(base.run.data).resolve())))
+    search = dataclasses.replace(search, base=base)
+    exp_dir = search.experiment_dir
+    demand = trial_demand(base, search.trial_cpus)
+    k, line = concurrency(demand, ray.cluster_resources(), search.max_concurrent)
+    echo(line)
+    restorable = tune.Tuner.can_restore(str(exp_dir))
+    if exp_dir.exists() and restorable and not resume:
+        raise ValueError(f"tune: {exp_dir} holds a search already; pass --resume to continue it or choose another "
+                         f"--name / --storage")
+    if resume and not restorable:
+        echo(f"nothing to resume in {exp_dir}: starting a new search")
+    uri = tracking_uri()
+    parent_run_id = _parent_run(search, uri)
+    setup = {"space": search.space.to_dict(), "base": to_dict(base), "runs_dir": str(exp_dir / "runs"),
+             "n_probes": search.n_probes, "parent_run_id": parent_run_id, "tracking_uri": uri}
+    # the driver's own share; its Train workers (and their GPUs) get their own placement group
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": search.trial_cpus})
+    total = expected_trials(search)
+    progress = _progress_callback(search.space, total, exp_dir, parent_run_id, uri, search.stop_after, echo)
+    if resume and restorable:
+        echo(f"resuming {exp_dir} (finished trials are kept, unfinished ones continue)")
+        # the restored RunConfig holds the pickled progress callback (SearchProgress drops its stop rule
+        # when pickled, so a restored session runs to the end)
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
+    else:
+        scheduler = _scheduler(search.scheduler, exp_dir / "runs", search.grace_period, search.reduction_factor,
+                               search.max_t)
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune(search.space, search.search, search.grid_points),
+            # max_concurrent_trials would be ignored with a search_alg: the generator takes the limit
+            tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=search.num_samples,
+                                        scheduler=scheduler,
+                                        search_alg=BasicVariantGenerator(random_state=search.seed,
+                                                                         max_concurrent=k)),
+            run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=[progress],
+                                      verbose=0))
+    if not is_verbose():
+        # the new output engine prints its configuration box and tables at every verbosity; the
+        # legacy one is silent at verbose=0, leaving the console to SearchProgress
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    echo(f"search {search.space.name}: {total} trial(s), objective {search.space.objective} "
+         f"({'ASHA' if search.scheduler == 'asha' else 'FIFO'}, {search.search_kind} search); {exp_dir}")
+    grid = tuner.fit()
+    return write_outcome(search, grid, total, parent_run_id, uri, echo)
+
+
+def run_search_cli(search: SearchConfig, *, resume: bool = False, address: Optional[str] = None,
+                   echo: Callable[[str], None] = print):
+    """Validate the space (before Ray starts), connect to (or start) Ray, run the search; errors as click errors."""
+    import click
+    import ray
+
+    from bitlm.cli.console import is_verbose
+
+    try:
+        validate(search.space, search.base)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--space") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        # trials' console lines would interleave with the progress view; --verbose shows them
+        ray.init(address=address, log_to_driver=is_verbose(),
+                 **({} if address else {"dashboard_host": "127.0.0.1"}))
+    try:
+        return run_search(search, resume=resume, echo=echo)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def main() -> None:
+    """`python -m tune.search`: the options of `bitlm tune` (a `ray job submit` entry point)."""
+    from bitlm.cli import console
+    from bitlm.cli.tune import tune_command
+
+    console.quiet()  # before Ray starts: its workers inherit the quiet environment
+    tune_command(prog_name="python -m tune.search")
+
+
+def best_config(search: SearchConfig, trial: dict[str, Any]) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The full config of a trial, as `bitlm train --config` takes it (run named after the space, not the trial)."""
+    cfg, safety = trial_config(search.space, search.base, trial, "x", Path(search.base.run.storage_path))
+    name = f"{search.name or search.space.name}-best"
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name,
+                                                            storage_path=search.base.run.storage_path)), safety
+
+
+def write_best_config(search: SearchConfig, trial: dict[str, Any], path: Path) -> dict[str, Any]:
+    cfg, safety = best_config(search, trial)
+    path.write_text(to_json(cfg) + "\n")
+    return safety
+
+
+if __name__ == "__main__":
+    # the importable module's main, not this __main__ copy: Ray pickles run_trial by reference
+    from tune.search import main as importable_main
+
+    importable_main()
