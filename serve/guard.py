@@ -15,6 +15,8 @@ import json
 import logging
 from typing import Any, Optional
 
+from ray.exceptions import TaskCancelledError
+
 from .schemas import AppArgs
 
 HEALTH_PATH = "/healthz"
@@ -113,7 +115,12 @@ async def read_body(scope, receive, send, limit: int, timeout_s: float) -> Optio
     try:
         async with asyncio.timeout(timeout_s):  # one deadline for the whole body: a trickle does not reset it
             while True:
-                message = await receive()
+                try:
+                    message = await receive()
+                except TaskCancelledError:
+                    # the proxy cancelled its half of the request (the client left mid-body): a
+                    # disconnect, not a server error; raised on, every such client logged a traceback
+                    return None
                 if message["type"] == "http.disconnect":
                     return None
                 chunk = message.get("body", b"")

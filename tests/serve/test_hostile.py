@@ -140,3 +140,24 @@ def test_an_unhandled_exception_is_a_json_500_with_a_detail():
 
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     assert r.status_code == 500 and "RuntimeError" in r.json()["detail"]
+
+
+def test_a_client_that_leaves_mid_body_is_a_disconnect_not_an_error():
+    # Serve's receive() raises TaskCancelledError once the proxy gives up on a client that left
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+
+    from serve.guard import read_body
+
+    async def receive():
+        raise TaskCancelledError()
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"headers": [(b"content-length", b"50")]}
+    assert asyncio.run(read_body(scope, receive, send, limit=1000, timeout_s=5)) is None
+    assert sent == []  # nobody is there to answer
