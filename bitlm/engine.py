@@ -136,7 +136,8 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
         device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
         progress: bool = False, strategy: Optional[Strategy] = None, resume_from: Optional[str | Path] = None,
-        scaling: Optional[ScalingConfig] = None) -> FitResult:
+        scaling: Optional[ScalingConfig] = None, loss: Optional[Callable[[Any, torch.Tensor], LossOutput]] = None
+        ) -> FitResult:
     """Train `model` on `corpus` (a bitlm.data.Corpus) following `cfg`.
 
     A causal model learns next-bit prediction; a non-causal one learns masked diffusion per
@@ -154,6 +155,8 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
     `strategy` (bitlm.parallel) says how this rank holds the model (DDP, FSDP, a pipeline stage);
     its rank and world size override `rank`/`world_size`. `scaling` grows the model when the
     validation loss plateaus (bitlm.scaling); the grown model is FitResult.model.
+    `loss(net, byte_batch)` replaces objective.causal_loss as a causal model's training objective
+    (bitlm.distill's distillation loss); evaluation still scores the plain causal loss.
     """
     device = resolve_device(device)
     strategy = strategy or Strategy(rank=rank, world_size=world_size)
@@ -203,6 +206,9 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         net = torch.compile(net)
     evaluate_fn = strategy.evaluate or evaluate
 
+    if loss is not None and (not base.config.causal or cfg.compress_prob > 0 or strategy.owns_backward):
+        raise ValueError("fit(loss=...): a custom objective needs a causal model, train.compress_prob=0 and a "
+                         "strategy that leaves the backward pass to fit (not the pipeline strategy)")
     if cfg.compress_prob > 0 and (base.config.n_streams < 2 or not base.config.causal):
         raise ValueError("train.compress_prob > 0 needs a causal model with model.n_streams >= 2 "
                          f"(got n_streams={base.config.n_streams}, causal={base.config.causal})")
@@ -213,6 +219,8 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
             noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
             return diffusion_loss(net, batch, schedule=diffusion.noise_schedule, generator=noise,
                                   progress=progress, curriculum=diffusion.curriculum), {}
+        if loss is not None:
+            return loss(net, batch), {}
         p = compress_probability(cfg, micro_index // cfg.grad_accum_steps)
         if p == 0:
             return causal_loss(net, batch), {}
