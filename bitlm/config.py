@@ -7,6 +7,7 @@ import decimal
 import functools
 import json
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -330,6 +331,45 @@ class ScalingConfig:
         return tuple(k.strip() for k in self.order.split(",") if k.strip())
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SafetyConfig:
+    """Floors, smoothing and retry policy of a SafetyGate (bitlm.safety); the `safety` section of a run."""
+
+    c_floor: float = 0.3  # block when the (smoothed) LZ complexity C falls below this
+    s_floor: float = 0.5  # block when the (smoothed) symbiosis S falls below this
+    decay: float = 0.0  # EMA weight of the previous value: ema = decay * ema + (1 - decay) * value
+    burn_in: int = 0  # observations per stream before the gate may block
+    window_bytes: int = 512  # C and S are means over windows of this many bytes (the calibration's size)
+    max_retries: int = 2  # safe_sample_with_retry makes at most 1 + max_retries attempts
+    backoff_s: float = 0.0  # sleep backoff_s * 2 ** (k - 1) before retry k
+    strict: bool = False  # raise SafetyBlocked instead of returning a failed verdict
+
+    def __post_init__(self) -> None:
+        # numbers.Real / Integral rather than _check_fields: the gate is also built in code from numpy values
+        for name in ("c_floor", "s_floor"):
+            value = getattr(self, name)
+            _check(_is_real(value) and 0.0 <= value <= 1.0, f"safety.{name}", f"must be in [0, 1], got {value!r}")
+        _check(_is_real(self.decay) and 0.0 <= self.decay < 1.0, "safety.decay",
+               f"must be in [0, 1), got {self.decay!r}")
+        _check(_is_int(self.burn_in) and self.burn_in >= 0, "safety.burn_in",
+               f"must be an integer >= 0, got {self.burn_in!r}")
+        _check(_is_int(self.window_bytes) and self.window_bytes >= 1, "safety.window_bytes",
+               f"must be an integer >= 1, got {self.window_bytes!r}")
+        _check(_is_int(self.max_retries) and self.max_retries >= 0, "safety.max_retries",
+               f"must be an integer >= 0, got {self.max_retries!r}")
+        _check(_is_real(self.backoff_s) and 0.0 <= self.backoff_s < math.inf, "safety.backoff_s",
+               f"must be a finite number >= 0, got {self.backoff_s!r}")
+        _check(isinstance(self.strict, bool), "safety.strict", f"must be True or False, got {self.strict!r}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExperimentConfig:
     """Everything one local training run needs; the dotted keys of `--set` address its fields."""
@@ -338,6 +378,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)  # the gate's defaults for generate --safe and serve
 
     def __post_init__(self) -> None:
         _check_fields(self, "")
@@ -351,7 +392,7 @@ class ExperimentConfig:
 
 # the dotted prefix that names a section's fields in errors (from_dict(ModelConfig, ...) -> model.d_model)
 _SECTIONS: dict[type, str] = {ModelConfig: "model.", TrainConfig: "train.", DiffusionConfig: "diffusion.",
-                              ScalingConfig: "scaling."}
+                              ScalingConfig: "scaling.", SafetyConfig: "safety."}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import threading
 import time
 import warnings
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from .codec import _as_bit_array, bits_to_bytes, bytes_to_bits
+from .config import SafetyConfig, _is_int  # SafetyConfig: the `safety` section of a run's config
 from .sampling import generate
 from .telemetry import complexity_and_symbiosis
 
@@ -30,48 +29,6 @@ DiffusionSampler = Callable[[Any, str, int, int], str]
 _RANGE_SLACK = 1e-5
 # Context-sized windows read per forward when measuring K: bounds memory on long inputs.
 _K_BATCH_WINDOWS = 8
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"safety.{name}: {msg}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SafetyConfig:
-    """Floors, smoothing and retry policy of a SafetyGate."""
-
-    c_floor: float = 0.3  # block when the (smoothed) LZ complexity C falls below this
-    s_floor: float = 0.5  # block when the (smoothed) symbiosis S falls below this
-    decay: float = 0.0  # EMA weight of the previous value: ema = decay * ema + (1 - decay) * value
-    burn_in: int = 0  # observations per stream before the gate may block
-    window_bytes: int = 512  # C and S are means over windows of this many bytes (the calibration's size)
-    max_retries: int = 2  # safe_sample_with_retry makes at most 1 + max_retries attempts
-    backoff_s: float = 0.0  # sleep backoff_s * 2 ** (k - 1) before retry k
-    strict: bool = False  # raise SafetyBlocked instead of returning a failed verdict
-
-    def __post_init__(self) -> None:
-        for name in ("c_floor", "s_floor"):
-            value = getattr(self, name)
-            _check(_is_real(value) and 0.0 <= value <= 1.0, name, f"must be in [0, 1], got {value!r}")
-        _check(_is_real(self.decay) and 0.0 <= self.decay < 1.0, "decay",
-               f"must be in [0, 1), got {self.decay!r}")
-        _check(_is_int(self.burn_in) and self.burn_in >= 0, "burn_in", f"must be an integer >= 0, got {self.burn_in!r}")
-        _check(_is_int(self.window_bytes) and self.window_bytes >= 1, "window_bytes",
-               f"must be an integer >= 1, got {self.window_bytes!r}")
-        _check(_is_int(self.max_retries) and self.max_retries >= 0, "max_retries",
-               f"must be an integer >= 0, got {self.max_retries!r}")
-        _check(_is_real(self.backoff_s) and 0.0 <= self.backoff_s < math.inf, "backoff_s",
-               f"must be a finite number >= 0, got {self.backoff_s!r}")
-        _check(isinstance(self.strict, bool), "strict", f"must be True or False, got {self.strict!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bitlm.config import SafetyConfig
+
 Mode = Literal["causal", "diffusion"]
 Schedule = Literal["linear", "cosine", "exp", "loglinear"]
 
@@ -109,8 +111,8 @@ class AppArgs(BaseModel):
                                                  "(default: BITLM_SERVE_ROOTS, else the working directory).")
     api_token: Optional[str] = Field(None, description="Bearer token for /v1 (default: BITLM_API_TOKEN).")
     audit_log: str = Field("serve_audit.jsonl", description="JSON-lines file, one line per gate verdict.")
-    c_floor: float = Field(0.3, ge=0, le=1)
-    s_floor: float = Field(0.5, ge=0, le=1)
+    c_floor: float = Field(SafetyConfig().c_floor, ge=0, le=1, description="Default of the gate (safety.c_floor).")
+    s_floor: float = Field(SafetyConfig().s_floor, ge=0, le=1, description="Default of the gate (safety.s_floor).")
     max_prompt_bytes: int = Field(4096, ge=1)
     max_new_bytes: int = Field(512, ge=1)
     max_score_bytes: int = Field(65536, ge=2)

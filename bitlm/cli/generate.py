@@ -25,12 +25,12 @@ MIN_DIFFUSION_TEMPERATURE = 1e-30
 @click.option("--seed", type=loading.SEEDS, default=None, help="Random seed for a reproducible sample.")
 @diffusion_options
 @click.option("--safe", is_flag=True, help="Gate the sample on C and S (retrying a blocked one with new seeds).")
-@click.option("--c-floor", type=click.FloatRange(0, 1), default=0.3, show_default=True, callback=loading.finite,
-              help="With --safe: minimum LZ complexity C.")
-@click.option("--s-floor", type=click.FloatRange(0, 1), default=0.5, show_default=True, callback=loading.finite,
-              help="With --safe: minimum symbiosis S.")
-@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="With --safe: retries after a block.")
+@click.option("--c-floor", type=click.FloatRange(0, 1), default=None, callback=loading.finite,
+              help="With --safe: minimum LZ complexity C [the run's safety.c_floor, else 0.3].")
+@click.option("--s-floor", type=click.FloatRange(0, 1), default=None, callback=loading.finite,
+              help="With --safe: minimum symbiosis S [the run's safety.s_floor, else 0.5].")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="With --safe: retries after a block [the run's safety.max_retries, else 2].")
 @click.option("--strict", is_flag=True, help="With --safe: exit with an error when every attempt is blocked.")
 @click.option("--device", default=None, callback=loading.device,
               help="torch device (default: cuda if available, else cpu).")
@@ -50,8 +50,10 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
     if diffusion and model.config.causal:
         raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")
     if safe:
-        _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_floor, max_retries, strict,
-                       diffusion_steps or 16, noise_schedule or "cosine")
+        gate_config = _gate_config(model_dir, c_floor=c_floor, s_floor=s_floor, max_retries=max_retries,
+                                   strict=True if strict else None)
+        _safe_generate(model, prompt, max_new_bytes, temperature, seed, gate_config, diffusion_steps or 16,
+                       noise_schedule or "cosine")
         return
     try:
         if not model.config.causal:
@@ -68,11 +70,37 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
         click.echo(f"[{out.n_parity_corrections} parity bit(s) corrected]", err=True)
 
 
-def _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_floor, max_retries, strict,
-                   steps, schedule):
+def _gate_config(model_dir, **given):
+    """The `safety` section of the run that holds the model (its config.json), the given options on top.
+
+    A model trained by `bitlm train` sits in <run>/model beside <run>/config.json; a model without
+    such a run directory gets SafetyConfig's defaults.
+    """
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from ..config import SafetyConfig, from_dict
+
+    base = SafetyConfig()
+    for candidate in (Path(model_dir).parent / "config.json", Path(model_dir).parent.parent / "config.json"):
+        try:
+            section = json.loads(candidate.read_text()).get("safety")
+        except (OSError, ValueError, AttributeError):  # no run config here, unreadable, or not an object
+            continue
+        if isinstance(section, dict):
+            try:
+                base = from_dict(SafetyConfig, section)
+            except ValueError as err:
+                raise click.BadParameter(f"{candidate}: {err}") from None
+            break
+    return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def _safe_generate(model, prompt, max_new_bytes, temperature, seed, gate_config, steps, schedule):
     """Print the gated sample, then the verdict as one JSON line on stderr (the audit record)."""
     from ..diffusion import diffusion_sample
-    from ..safety import SafetyBlocked, safe_sample_with_retry
+    from ..safety import SafetyBlocked, SafetyGate, safe_sample_with_retry
 
     def diffusion_sampler(m, p, n, s):
         return diffusion_sample(m, p, n, steps=steps, schedule=schedule,
@@ -80,8 +108,8 @@ def _safe_generate(model, prompt, max_new_bytes, temperature, seed, c_floor, s_f
 
     try:
         text, verdict = safe_sample_with_retry(
-            model, prompt, max_new_bytes, max_retries=max_retries, c_floor=c_floor, s_floor=s_floor, strict=strict,
-            seed=0 if seed is None else seed, temperature=temperature,
+            model, prompt, max_new_bytes, gate=SafetyGate(gate_config), seed=0 if seed is None else seed,
+            temperature=temperature,
             diffusion_sampler=None if model.config.causal else diffusion_sampler)
     except SafetyBlocked as blocked:
         click.echo(blocked.verdict.to_json(), err=True)

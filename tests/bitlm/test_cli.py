@@ -368,6 +368,18 @@ def test_safe_generation_prints_the_sample_and_a_json_verdict(untrained_model_di
     assert verdict["passed"] is True and verdict["c_floor"] == 0.0 and len(verdict["attempts"]) == 1
 
 
+def test_safe_generation_takes_its_gate_defaults_from_the_runs_safety_section(untrained_model_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(untrained_model_dir, run / "model")
+    (run / "config.json").write_text(json.dumps({"safety": {"c_floor": 1.0, "s_floor": 1.0, "max_retries": 0}}))
+    result = invoke("generate", str(run / "model"), "--prompt", "ab", "--max-new-bytes", "8", "--seed", "1", "--safe")
+    verdict = json.loads(result.stderr.strip().splitlines()[-1])
+    assert verdict["passed"] is False and verdict["c_floor"] == 1.0 and len(verdict["attempts"]) == 1
+    result = invoke("generate", str(run / "model"), "--prompt", "ab", "--max-new-bytes", "8", "--seed", "1", "--safe",
+                    "--c-floor", "0", "--s-floor", "0")  # an option still wins over the run's setting
+    assert json.loads(result.stderr.strip().splitlines()[-1])["passed"] is True
+
+
 def test_strict_safe_generation_that_is_always_blocked_exits_with_the_verdict(untrained_model_dir):
     result = CliRunner().invoke(main, ["generate", str(untrained_model_dir), "--prompt", "ab", "--max-new-bytes", "8",
                                        "--safe", "--c-floor", "1.0", "--s-floor", "1.0", "--max-retries", "1",

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, ScalingConfig, TrainConfig,
-                          apply_overrides, flatten, from_dict, to_dict, to_json)
+from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, SafetyConfig, ScalingConfig,
+                          TrainConfig, apply_overrides, flatten, from_dict, to_dict, to_json)
 
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
                                 max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
@@ -54,7 +54,7 @@ def test_non_default_variants_differ_from_defaults_in_every_field():
 
 def test_to_dict_nests_sections_as_plain_dicts():
     data = to_dict(ExperimentConfig())
-    assert set(data) == {"model", "train", "diffusion", "scaling"}
+    assert set(data) == {"model", "train", "diffusion", "scaling", "safety"}
     assert data["model"]["n_layers"] == ModelConfig().n_layers
     assert data["train"]["lr"] == TrainConfig().lr
     json.dumps(data)  # JSON-safe
@@ -308,7 +308,8 @@ def test_flatten_gives_dotted_keys_for_every_field():
     expected = ({f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
                 | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
                 | {f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)}
-                | {f"scaling.{f.name}" for f in dataclasses.fields(ScalingConfig)})
+                | {f"scaling.{f.name}" for f in dataclasses.fields(ScalingConfig)}
+                | {f"safety.{f.name}" for f in dataclasses.fields(SafetyConfig)})
     assert set(flat) == expected
 
 
@@ -320,3 +321,13 @@ def test_flatten_keys_are_accepted_by_apply_overrides():
 
 def test_flatten_of_a_section_has_undotted_keys():
     assert flatten(TrainConfig())["lr"] == TrainConfig().lr
+
+
+def test_the_safety_section_holds_the_gates_settings_and_validates_them():
+    cfg = apply_overrides(ExperimentConfig(), ["safety.c_floor=0.4", "safety.burn_in=2"])
+    assert (cfg.safety.c_floor, cfg.safety.burn_in) == (0.4, 2)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    with pytest.raises(ValueError, match=r"safety\.s_floor: must be in \[0, 1\]"):
+        apply_overrides(ExperimentConfig(), ["safety.s_floor=1.5"])
+    with pytest.raises(ValueError, match=r"safety\.burn_in: expected int"):
+        from_dict(ExperimentConfig, {"safety": {"burn_in": 1.5}})
