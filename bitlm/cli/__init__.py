@@ -7,6 +7,7 @@ import os
 import click
 
 from . import console
+from .distill import distill_command
 from .generate import generate_command
 from .prepare import prepare_command
 from .score import eval_command
@@ -49,4 +50,5 @@ main.add_command(generate_command)
 main.add_command(demo_command)
 main.add_command(ui_command)
 main.add_command(serve_command)
+main.add_command(distill_command)
 main.add_command(tune_command)

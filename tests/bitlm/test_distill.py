@@ -199,3 +199,82 @@ def test_fit_refuses_a_custom_loss_for_a_diffusion_model(corpus):
     model = BitTransformerLM(dataclasses.replace(TEACHER, causal=False))
     with pytest.raises(ValueError, match="custom objective needs a causal model"):
         fit(model, corpus, SHORT, loss=lambda net, batch: None)
+
+
+# ---------------------------------------------------------------------------------------------- bitlm distill --local
+
+
+@pytest.fixture(scope="module")
+def cli_dirs(teacher, tmp_path_factory):
+    """(root, corpus dir, teacher dir, a student JSON) under one root, which is the allowed root of the CLI."""
+    from bitlm.data import prepare_corpus
+
+    root = tmp_path_factory.mktemp("cli")
+    source = root / "source.txt"
+    source.write_bytes(SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT * 5)
+    prepare_corpus([source], root / "data", window_bytes=128, progress=False)
+    ckpt.save_pretrained(teacher, root / "teacher")
+    (root / "student.json").write_text(json.dumps(ckpt.read_config(root / "teacher").__dict__
+                                                  | {"d_model": 32, "d_ff": 128}))
+    return root
+
+
+def distill_cli(root, *args):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    return CliRunner().invoke(main, ["distill", str(root / "teacher"), "--data", str(root / "data"), "--local",
+                                     "--allowed-root", str(root), *args], catch_exceptions=False)
+
+
+def test_cli_local_writes_the_student_and_its_metrics(cli_dirs):
+    out = cli_dirs / "out"
+    result = distill_cli(cli_dirs, "--student", str(cli_dirs / "student.json"), "--out", str(out), "--steps", "10",
+                         "--k", "2", "--per-cluster", "2", "--floors", "s=0.999")
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(out)
+    assert metrics["n_rounds"] == 3 and metrics["missed"] == ["s"] and metrics["teacher"]["source"].endswith("teacher")
+    assert "floors still missed after 3 round(s)" in result.output and f"saved to {out}" in result.output
+    assert ckpt.read_config(out).d_ff == 192
+
+
+@pytest.mark.parametrize("args, names", [
+    (("--k", "0"), "'--k': 0 is not in the range x>=1"),
+    (("--student", "huge"), "--student: model preset: unknown 'huge'"),
+    (("--floors", "c=high"), "--floors: floors: c='high' is not a number"),
+])
+def test_cli_bad_options_are_one_line_errors(cli_dirs, args, names):
+    result = distill_cli(cli_dirs, *args)
+    assert result.exit_code == 2
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and names in error[0]
+
+
+def test_cli_teacher_outside_the_allowed_roots_is_one_line(cli_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    result = CliRunner().invoke(main, ["distill", str(cli_dirs / "teacher"), "--data", str(cli_dirs / "data"),
+                                       "--local", "--allowed-root", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value for TEACHER: model source")
+    assert "outside the allowed roots" in result.output
+
+
+def test_cli_parity_of_the_student_must_be_the_teachers(cli_dirs):
+    config = json.loads((cli_dirs / "student.json").read_text()) | {"parity": False}
+    (cli_dirs / "no-parity.json").write_text(json.dumps(config))
+    result = distill_cli(cli_dirs, "--student", str(cli_dirs / "no-parity.json"))
+    assert result.exit_code == 2
+    assert "Error: Invalid value for --student: student model.parity=False (8 bits per byte) does not match the " \
+           "teacher's parity=True (9 bits per byte)" in result.output
+
+
+def test_cli_refuses_an_out_holding_other_files(cli_dirs):
+    (cli_dirs / "busy").mkdir()
+    (cli_dirs / "busy" / "notes.txt").write_text("mine")
+    result = distill_cli(cli_dirs, "--out", str(cli_dirs / "busy"))
+    assert result.exit_code == 2 and "holds files that are not a distilled model" in result.output
+    assert (cli_dirs / "busy" / "notes.txt").read_text() == "mine"
