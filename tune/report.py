@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -28,7 +27,6 @@ class SearchOutcome:
     interrupted: bool
     parent_run_id: Optional[str]
     train_command: str = ""
-    safety: dict[str, Any] = field(default_factory=dict)
 
 
 def _finite(value: Any) -> Optional[float]:
@@ -113,8 +111,10 @@ def plot(space, rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
 
 def write_outcome(search, grid, total: int, parent_run_id: Optional[str], uri: str,
                   echo: Callable[[str], None]) -> SearchOutcome:
-    """Write results.csv, best_config.json (+ best_safety.json), the plot; finish the MLflow parent; print the best."""
-    from .search import write_best_config
+    """Write results.csv, best_config.json and the plot; finish the MLflow parent; print the best."""
+    from bitlm.config import to_json
+
+    from .search import best_config
 
     exp_dir = search.experiment_dir
     rows = result_rows(search, grid)
@@ -125,19 +125,16 @@ def write_outcome(search, grid, total: int, parent_run_id: Optional[str], uri: s
     scored = [r for r in rows if r["objective"] is not None and r["status"] in ("finished", "stopped early")]
     best = min(scored, key=lambda r: r["objective"]) if scored else None
     best_path = plot_path = None
-    safety: dict[str, Any] = {}
     command = ""
     if best is not None:
         best_path = exp_dir / "best_config.json"
-        safety = write_best_config(search, best["config"], best_path)
-        if safety:
-            (exp_dir / "best_safety.json").write_text(json.dumps(safety, indent=2, sort_keys=True) + "\n")
+        best_path.write_text(to_json(best_config(search, best["config"])) + "\n")
         plot_path = plot(search.space, rows, exp_dir / "objective_vs_params.png")
         command = (f"bitlm train --config {best_path} --data {search.base.run.data} "
                    f"--out runs/{search.name or search.space.name}-best")
     if parent_run_id is not None:
-        _finish_parent(parent_run_id, uri, rows, best, [p for p in (csv_path, best_path, plot_path) if p is not None]
-                       + ([exp_dir / "best_safety.json"] if safety else []), interrupted)
+        _finish_parent(parent_run_id, uri, rows, best, [p for p in (csv_path, best_path, plot_path) if p is not None],
+                       interrupted)
     echo(f"{len(done)}/{total} trial(s) done ({sum(r['status'] == 'stopped early' for r in rows)} stopped early, "
          f"{sum(r['status'] == 'error' for r in rows)} failed); table {csv_path}")
     if interrupted:
@@ -145,11 +142,9 @@ def write_outcome(search, grid, total: int, parent_run_id: Optional[str], uri: s
     if best is not None:
         searched = "  ".join(f"{k}={_short(best[k])}" for k in search.space.params)
         echo(f"best: trial {best['trial_id']} objective {best['objective']:.4f} ({search.space.objective})  {searched}")
-        if safety:
-            echo(f"gate settings of the best trial (not part of the experiment config): {json.dumps(safety)}")
         echo(f"train it: {command}")
     return SearchOutcome(rows=rows, best=best, csv_path=csv_path, best_config_path=best_path, plot_path=plot_path,
-                         interrupted=interrupted, parent_run_id=parent_run_id, train_command=command, safety=safety)
+                         interrupted=interrupted, parent_run_id=parent_run_id, train_command=command)
 
 
 def _finish_parent(parent_run_id: str, uri: str, rows: list[dict[str, Any]], best: Optional[dict[str, Any]],

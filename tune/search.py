@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-from bitlm.config import apply_overrides, flatten, from_dict, to_dict, to_json
+from bitlm.config import apply_overrides, flatten, from_dict, to_dict
 from pipelines.train import PipelineConfig
 
-from .spaces import Space, is_safety_key, space_from_dict, split_assignments, to_tune, trial_assignments, validate
+from .spaces import Space, assignment_strings, space_from_dict, to_tune, trial_assignments, validate
 
 Scheduler = Literal["asha", "fifo"]
 METRIC = "objective"  # what Tune minimises; the space says what it stands for
@@ -116,23 +116,14 @@ def concurrency(demand: dict[str, float], cluster: dict[str, float], requested: 
 
 
 def trial_config(space: Space, base: PipelineConfig, config: dict[str, Any], trial_id: str,
-                 runs_dir: Path) -> tuple[PipelineConfig, dict[str, Any]]:
-    """The trial's PipelineConfig (Train run named after the trial) and its gate settings outside the config."""
-    sets, safety = split_assignments(trial_assignments(space, config), base)
-    cfg = apply_overrides(base, sets)
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_id, storage_path=str(runs_dir))), safety
+                 runs_dir: Path) -> PipelineConfig:
+    """The trial's PipelineConfig: the sampled values on `base`, the Train run named after the trial."""
+    cfg = apply_overrides(base, assignment_strings(trial_assignments(space, config)))
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=trial_id, storage_path=str(runs_dir)))
 
 
-def _gate_settings(cfg: PipelineConfig, safety: dict[str, Any]):
-    from bitlm.safety import SafetyConfig
-
-    section = getattr(cfg, "safety", None)  # once the experiment config holds the gate's settings
-    if section is not None:
-        return SafetyConfig(**{f.name: getattr(section, f.name) for f in dataclasses.fields(section)})
-    return SafetyConfig(**safety)
-
-
-def _measure_gate(cfg: PipelineConfig, safety: dict[str, Any], n_probes: int) -> dict[str, float]:
+def _measure_gate(cfg: PipelineConfig, n_probes: int) -> dict[str, float]:
+    """The gate of cfg.safety on the probe sets, against the corpus' validation split and marginals."""
     import numpy as np
 
     from bitlm.data import Corpus
@@ -141,7 +132,7 @@ def _measure_gate(cfg: PipelineConfig, safety: dict[str, Any], n_probes: int) ->
 
     corpus = Corpus.open(cfg.run.data)
     val_text = np.ascontiguousarray(corpus.val.to_numpy()).tobytes()
-    return gate_error_rates(val_text, corpus.phase_marginals(cfg.model.parity), _gate_settings(cfg, safety),
+    return gate_error_rates(val_text, corpus.phase_marginals(cfg.model.parity), cfg.safety,
                             parity=cfg.model.parity, n_probes=n_probes, seed=cfg.train.seed)
 
 
@@ -239,8 +230,8 @@ def _scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction_fac
     return GracefulASHA() if kind == "asha" else GracefulFIFO()
 
 
-def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], safety: dict[str, Any], trial_id: str,
-               parent_run_id: str, uri: str) -> str:
+def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], trial_id: str, parent_run_id: str,
+               uri: str) -> str:
     """The trial's MLflow child run: created once with the full flattened config, reused when the trial resumes."""
     from pipelines.tracking import RunTracker
 
@@ -248,7 +239,6 @@ def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], safety
     if id_file.exists():
         return id_file.read_text().strip()
     params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(cfg).items()}
-    params |= {f"safety.{k}": v for k, v in safety.items()}
     params |= {f"search.{k}": v for k, v in config.items() if "." not in k}  # bundle labels, e.g. search.kind
     tracker = RunTracker.start(cfg.run.experiment, trial_id, params, system_metrics=False, uri=uri,
                                tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "bitlm.tune.space": space.name,
@@ -269,11 +259,11 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     # train_driver reads the store from the environment; this actor may predate the search's setting
     os.environ["MLFLOW_TRACKING_URI"] = setup["tracking_uri"]
-    cfg, safety = trial_config(space, base, config, trial_id, Path(setup["runs_dir"]))
-    gate = _measure_gate(cfg, safety, setup["n_probes"]) if space.objective == "bpb+gate" else {}
+    cfg = trial_config(space, base, config, trial_id, Path(setup["runs_dir"]))
+    gate = _measure_gate(cfg, setup["n_probes"]) if space.objective == "bpb+gate" else {}
     run_id = None
     if cfg.run.tracking and setup.get("parent_run_id"):
-        run_id = _child_run(cfg, space, config, safety, trial_id, setup["parent_run_id"], setup["tracking_uri"])
+        run_id = _child_run(cfg, space, config, trial_id, setup["parent_run_id"], setup["tracking_uri"])
         if gate:
             from pipelines.tracking import RunTracker
 
@@ -380,7 +370,7 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
             trainable, param_space=to_tune(search.space, search.search, search.grid_points),
             # max_concurrent_trials would be ignored with a search_alg: the generator takes the limit
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=search.num_samples,
-                                        scheduler=scheduler,
+                                        scheduler=scheduler, reuse_actors=True,
                                         search_alg=BasicVariantGenerator(random_state=search.seed,
                                                                          max_concurrent=k)),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=[progress],
@@ -428,18 +418,11 @@ def main() -> None:
     tune_command(prog_name="python -m tune.search")
 
 
-def best_config(search: SearchConfig, trial: dict[str, Any]) -> tuple[PipelineConfig, dict[str, Any]]:
-    """The full config of a trial, as `bitlm train --config` takes it (run named after the space, not the trial)."""
-    cfg, safety = trial_config(search.space, search.base, trial, "x", Path(search.base.run.storage_path))
+def best_config(search: SearchConfig, trial: dict[str, Any]) -> PipelineConfig:
+    """The full config of a trial, as `bitlm train --config` takes it (run named after the search, not the trial)."""
+    cfg = trial_config(search.space, search.base, trial, "x", Path(search.base.run.storage_path))
     name = f"{search.name or search.space.name}-best"
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name,
-                                                            storage_path=search.base.run.storage_path)), safety
-
-
-def write_best_config(search: SearchConfig, trial: dict[str, Any], path: Path) -> dict[str, Any]:
-    cfg, safety = best_config(search, trial)
-    path.write_text(to_json(cfg) + "\n")
-    return safety
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name, storage_path=search.base.run.storage_path))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Samplers: `choice` / `grid` (a list of values), `uniform` / `loguniform` ([low, 
 `int` / `logint` ([low, high], inclusive), `bundle` (a label chosen from named sets of dotted
 assignments that only make sense together). `objective`: `val/bpb`, `val/elbo_bpb` (diffusion)
 or `bpb+gate` (val bpb plus `penalty_weight` times the safety gate's three error rates).
-Keys `safety.*` are the SafetyGate settings.
+Keys `safety.*` are the SafetyGate settings (the config's `safety` section).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ Objective = Literal["val/bpb", "val/elbo_bpb", "bpb+gate"]
 Search = Literal["random", "grid"]
 SAMPLERS = ("choice", "grid", "uniform", "loguniform", "int", "logint", "bundle")
 OBJECTIVES = ("val/bpb", "val/elbo_bpb", "bpb+gate")
-SAFETY_PREFIX = "safety."
 _SPACE_KEYS = {"name", "description", "objective", "search", "fixed", "params", "penalty_weight"}
 
 
@@ -174,28 +173,9 @@ def _range(key: str, kind: str, bounds: Any) -> tuple[Any, Any]:
     return (low, high) if integral else (float(low), float(high))
 
 
-def is_safety_key(key: str, base: Any) -> bool:
-    """True for a gate setting that the config does not hold (tune applies it to its own probe gate)."""
-    return key.startswith(SAFETY_PREFIX) and not hasattr(base, "safety")
-
-
 def _check_assignments(assignments: dict[str, Any], base: Any) -> Any:
-    """Apply dotted assignments to `base` (config keys) or a SafetyConfig (safety.* keys); errors name the key."""
-    from bitlm.safety import SafetyConfig
-
-    config_sets, safety = [], {}
-    for key, value in assignments.items():
-        if is_safety_key(key, base):
-            name = key[len(SAFETY_PREFIX):]
-            if name not in {f.name for f in dataclasses.fields(SafetyConfig)}:
-                raise ValueError(f"{key}: SafetyConfig has no field {name!r}; known: "
-                                 f"{sorted(f.name for f in dataclasses.fields(SafetyConfig))}")
-            safety[name] = value
-        else:
-            config_sets.append(f"{key}={render(value)}")
-    if safety:
-        SafetyConfig(**safety)  # its errors read "safety.<field>: ..."
-    return apply_overrides(base, config_sets)
+    """Apply dotted assignments to `base`; the config's own validation names the key of a bad one."""
+    return apply_overrides(base, assignment_strings(assignments))
 
 
 def _values_to_check(key: str, kind: str, spec: Any) -> list[dict[str, Any]]:
@@ -230,14 +210,7 @@ def _declared_type(base: Any, key: str) -> Any:
 
 def _check_range_type(key: str, kind: str, base: Any) -> None:
     """A float range on an int field would sample 2.7 for a batch size: refuse it up front."""
-    if is_safety_key(key, base):
-        from bitlm.safety import SafetyConfig
-
-        name = key[len(SAFETY_PREFIX):]
-        hints = typing.get_type_hints(SafetyConfig)
-        tp = hints.get(name)
-    else:
-        tp = _declared_type(base, key)
+    tp = _declared_type(base, key)
     if tp is None:
         return  # an unknown key: the value check names it
     accepted = set(typing.get_args(tp)) or {tp}
@@ -335,15 +308,9 @@ def trial_assignments(space: Space, trial_config: dict[str, Any]) -> dict[str, A
     return out
 
 
-def split_assignments(assignments: dict[str, Any], base: Any) -> tuple[list[str], dict[str, Any]]:
-    """(`--set` strings for the config, SafetyConfig fields for tune's gate probes)."""
-    sets, safety = [], {}
-    for key, value in assignments.items():
-        if is_safety_key(key, base):
-            safety[key[len(SAFETY_PREFIX):]] = value
-        else:
-            sets.append(f"{key}={render(value)}")
-    return sets, safety
+def assignment_strings(assignments: dict[str, Any]) -> list[str]:
+    """The `--set key=value` strings of dotted assignments."""
+    return [f"{key}={render(value)}" for key, value in assignments.items()]
 
 
 def describe(space: Space) -> str:

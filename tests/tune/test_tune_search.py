@@ -142,7 +142,8 @@ def test_a_telemetry_search_reports_the_gate_rates_and_stops_one_trial_early(ray
         rates = [row[k] for k in ("gate/false_block_rate", "gate/loop_miss_rate", "gate/random_miss_rate")]
         assert all(0.0 <= v <= 1.0 for v in rates)
         assert row["objective"] == pytest.approx(row["val/bpb"] + sum(rates))
-    assert set(outcome.safety) == {"c_floor", "s_floor", "decay", "burn_in"}
+    best = from_dict(PipelineConfig, json.loads(outcome.best_config_path.read_text()))
+    assert best.safety.c_floor == outcome.best["safety.c_floor"] and best.safety.burn_in == outcome.best["safety.burn_in"]
     runs = children(tracking, outcome.parent_run_id)
     assert len(runs) == 4 and all("safety.c_floor" in r.data.params for r in runs)
     assert all("gate/false_block_rate" in r.data.metrics for r in runs)
