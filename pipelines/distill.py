@@ -69,7 +69,7 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
 
     from bitlm.checkpoint import from_pretrained
     from bitlm.data import ByteWindows, Corpus
-    from bitlm.distill import distillation_loss
+    from bitlm.distill import distillation_loss, load_model
     from bitlm.engine import fit
     from bitlm.parallel import make_strategy
 
@@ -82,7 +82,7 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
     strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size)
     full = Corpus.open(cfg.run.data, verify=False)  # the driver checked the shards
     corpus = Corpus(ByteWindows(np.asarray(config["windows"], dtype=np.uint8)), full.val, full.manifest, full.directory)
-    student = from_pretrained(config["init"])
+    student = load_model(config["init"])
     teacher = from_pretrained(config["teacher"], device=device).eval()
 
     def loss(net, batch):
@@ -123,10 +123,10 @@ def ray_round(job: DistillJob, run_dir: Path, run_id: Optional[str], uri: str) -
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.train.v2.api.config import LoggingConfig
 
-        from bitlm.checkpoint import from_pretrained, save_pretrained
+        from bitlm.distill import load_model, save_model
 
         round_dir = run_dir / f"round-{index + 1}"
-        init = save_pretrained(student, round_dir / "init")
+        init = save_model(student, round_dir / "init")
         run = dataclasses.replace(job.run, name=f"{job.run.name}-round-{index + 1}", storage_path=str(round_dir))
         cfg = PipelineConfig(model=student.config, train=train_cfg, run=run)
         trainer = TorchTrainer(
@@ -147,7 +147,7 @@ def ray_round(job: DistillJob, run_dir: Path, run_id: Optional[str], uri: str) -
         model_dir = _export_model(result, round_dir / "model")
         if model_dir is None:
             raise RuntimeError(f"round {index + 1}: Ray Train returned no checkpoint")
-        return from_pretrained(model_dir, device=next(student.parameters()).device)
+        return load_model(model_dir, device=next(student.parameters()).device)
     return train
 
 

@@ -158,9 +158,16 @@ def _score_text(metrics) -> str:
 @click.option("--verify-data/--no-verify-data", default=True, show_default=True,
               help="Check every shard's sha256 against the corpus manifest before training "
                    "(Ray: run.verify_data); skip it for corpora too large to hash at every start.")
+@click.option("--auto-collapse", is_flag=True,
+              help="At the end, distil the trained model into <out>/distilled as `bitlm distill` does.")
+@click.option("--collapse-student", default="tiny", show_default=True,
+              help="--auto-collapse: the student (a preset or a ModelConfig JSON file).")
+@click.option("--collapse-floors", default="c=0.3,s=0.5", show_default=True, help="--auto-collapse: the floors.")
+@click.option("--collapse-steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="--auto-collapse: optimizer steps per distillation round.")
 def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
                   noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling,
-                  address, verify_data):
+                  address, verify_data, auto_collapse, collapse_student, collapse_floors, collapse_steps):
     """Train a model on a prepared corpus.
 
     By default the run goes through Ray Train (a local Ray, or --address) with MLflow tracking
@@ -174,12 +181,18 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + (
         ("scaling.enabled=true",) if scaling else ()) + tuple(sets)
     out = Path(out_dir)
+    collapse = None
+    if auto_collapse:  # its options fail before training does, not after
+        collapse = _collapse_plan(diffusion, collapse_student, collapse_floors, collapse_steps, local, device, workers,
+                                  strategy, address, data_dir, out)
     if local:
         cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
         _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
                                           progress=sys.stderr.isatty(), verify_data=verify_data)
         click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "
                    f"model saved to {out / 'model'}")
+        if collapse is not None:
+            collapse()
         return
     from pipelines.train import PipelineConfig, summary
 
@@ -196,6 +209,35 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     prepare_out(out, Path(data_dir), fresh=not resume)
     result = run_ray_training(cfg, address)
     click.echo(summary(result) + f"; model saved to {out / 'model'}")
+    if collapse is not None:
+        collapse()
+
+
+def _collapse_plan(diffusion, student, floors, steps, local, device, workers, strategy, address, data_dir, out):
+    """--auto-collapse: check its options now; returns what runs `bitlm distill <out>/model` after training."""
+    from ..config import MODEL_PRESETS
+    from ..distill import parse_floors
+    from .distill import distill_command
+
+    if diffusion or strategy == "pipeline":
+        raise click.BadParameter("distillation needs a causal model trained with ddp or fsdp; drop --diffusion, "
+                                 "--strategy pipeline or --auto-collapse", param_hint="--auto-collapse")
+    try:
+        parse_floors(floors)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--collapse-floors") from None
+    if student not in MODEL_PRESETS and not Path(student).is_file():
+        raise click.BadParameter(f"{student!r} is neither a preset ({sorted(MODEL_PRESETS)}) nor a JSON file",
+                                 param_hint="--collapse-student")
+    ctx = click.get_current_context()
+    ray_options = {} if local else {"workers": workers or 2, "strategy": strategy or "ddp", "address": address}
+
+    def run():
+        click.echo(f"auto-collapse: distilling {out / 'model'} into {out / 'distilled'}", err=True)
+        ctx.invoke(distill_command, teacher=str(out / "model"), data_dir=str(data_dir), student=student,
+                   floors_text=floors, local=local, out_dir=str(out / "distilled"), steps=steps, device=device,
+                   allowed_roots=(str(out.resolve()),), **ray_options)
+    return run
 
 
 def _read_manifest(data_dir: Path) -> dict:

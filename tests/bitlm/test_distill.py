@@ -236,7 +236,7 @@ def test_cli_local_writes_the_student_and_its_metrics(cli_dirs):
     metrics = read_metrics(out)
     assert metrics["n_rounds"] == 3 and metrics["missed"] == ["s"] and metrics["teacher"]["source"].endswith("teacher")
     assert "floors still missed after 3 round(s)" in result.output and f"saved to {out}" in result.output
-    assert ckpt.read_config(out).d_ff == 192
+    assert ckpt.validate_pretrained(out).d_ff == 192  # a header length that starts with 0x80 (see _write_model)
 
 
 @pytest.mark.parametrize("args, names", [
@@ -278,3 +278,30 @@ def test_cli_refuses_an_out_holding_other_files(cli_dirs):
     result = distill_cli(cli_dirs, "--out", str(cli_dirs / "busy"))
     assert result.exit_code == 2 and "holds files that are not a distilled model" in result.output
     assert (cli_dirs / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_train_auto_collapse_distils_the_trained_model(cli_dirs):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    out = cli_dirs / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--local", "--data", str(cli_dirs / "data"), "--out", str(out), "--preset", "tiny", "--steps", "10",
+        "--set", "train.context_bytes=32", "--set", "train.batch_size=4", "--auto-collapse", "--collapse-student",
+        str(cli_dirs / "student.json"), "--collapse-floors", "bpb=100", "--collapse-steps", "5"],
+        catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(out / "distilled")
+    assert metrics["met"] and metrics["teacher"]["source"] == str(out / "model")
+    assert metrics["teacher"]["n_parameters"] == ckpt.from_pretrained(out / "model").num_parameters()
+
+
+def test_train_auto_collapse_checks_its_floors_before_training(cli_dirs):
+    from click.testing import CliRunner
+
+    from bitlm.cli import main
+
+    result = CliRunner().invoke(main, ["train", "--local", "--data", str(cli_dirs / "data"), "--out",
+                                       str(cli_dirs / "never"), "--auto-collapse", "--collapse-floors", "q=1"])
+    assert result.exit_code == 2 and "--collapse-floors" in result.output and not (cli_dirs / "never").exists()
