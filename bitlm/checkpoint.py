@@ -180,8 +180,13 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor names and shapes from a safetensors header (the tensors themselves are not read)."""
     try:
         with path.open("rb") as f:
-            magic = f.read(4)
-        if magic[:2] == b"PK" or magic[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+            head = f.read(9)
+        # a safetensors file is an 8-byte little-endian header length, then the JSON header ("{");
+        # only a file that is not one is sniffed for a pickle, whose first byte 0x80 is also the low
+        # byte of one safetensors header length in 256
+        header_length = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+        safetensors_like = head[8:9] == b"{" and 0 < header_length <= path.stat().st_size - 8
+        if not safetensors_like and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch.save's zip, a bare pickle
             raise CheckpointError(f"{path}: a pickle (torch.save) file, not safetensors; pickles can run code "
                                   "and are never loaded")
         with safe_open(str(path), framework="pt") as f:

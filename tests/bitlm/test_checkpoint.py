@@ -79,3 +79,26 @@ def test_loading_into_a_different_shape_fails_clearly(tmp_path):
 def test_a_directory_without_config_is_not_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a bitlm model directory"):
         ckpt.from_pretrained(tmp_path)
+
+
+def test_a_safetensors_header_length_with_low_byte_0x80_is_not_taken_for_a_pickle(tmp_path):
+    # one header length in 256 starts the file with 0x80, a pickle's first byte; such a file once
+    # made a valid model unloadable
+    import pickle
+
+    from safetensors.torch import save_file
+
+    model, x = model_and_input()
+    directory = ckpt.save_pretrained(model, tmp_path / "m")
+    weights = directory / "model.safetensors"
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for pad in range(512):
+        save_file(state, str(weights), metadata={"format": ckpt.FORMAT, "pad": " " * pad})
+        if weights.read_bytes()[:1] == b"\x80":
+            break
+    assert weights.read_bytes()[:1] == b"\x80"
+    loaded = ckpt.from_pretrained(directory)
+    assert torch.equal(loaded(x)[0], model(x)[0])
+    weights.write_bytes(pickle.dumps({"w": 1}))  # a real pickle is still refused
+    with pytest.raises(ckpt.CheckpointError, match="pickle"):
+        ckpt.from_pretrained(directory)
