@@ -262,7 +262,7 @@ def restricted(corpus: Corpus, indices: list[int]) -> Corpus:
 
 
 def collapse_submodel(teacher, corpus: Corpus, floors: dict[str, float], *, student: str | ModelConfig = "tiny",
-                      width_scale: float = 1.5, config: Optional[DistillConfig] = None,
+                      width_scale: Optional[float] = None, config: Optional[DistillConfig] = None,
                       train: Optional[TrainConfig] = None, selection: Optional[Selection] = None,
                       device=None, report=None, train_round: Optional[TrainRound] = None) -> CollapseResult:
     """Distil `teacher` into a smaller `student` on selected windows until `floors` hold or three rounds are spent.
@@ -272,7 +272,9 @@ def collapse_submodel(teacher, corpus: Corpus, floors: dict[str, float], *, stud
     naming the floors still missed (an honest miss is a result, not an exception). `train_round`
     replaces the in-process training (pipelines.distill runs each round on Ray Train).
     """
-    config = dataclasses.replace(config or DistillConfig(), width_scale=width_scale)
+    config = config or DistillConfig()
+    if width_scale is not None:  # the argument wins over config.width_scale (1.5 by default)
+        config = dataclasses.replace(config, width_scale=width_scale)
     train = train or TrainConfig(max_steps=200, warmup_steps=20, eval_every=100, eval_batches=4, log_every=50)
     unknown = sorted(set(floors) - set(FLOOR_METRICS))
     if unknown:

@@ -14,7 +14,7 @@ DEFAULT_EXPERIMENT = "bitlm-distill"
 
 
 def resolve_teacher(source: str, allowed_roots) -> Path:
-    """The teacher's model directory (a local directory under the allowed roots, runs:/ or models:/); one line if not."""
+    """The teacher's model directory (under the allowed roots, or runs:/ and models:/ downloads); one line if not."""
     from serve.sources import resolve_source
 
     try:
@@ -113,7 +113,7 @@ def distill_command(teacher, data_dir, student, floors_text, local, out_dir, reg
     """Distil TEACHER into a smaller student and check it against --floors.
 
     The student trains on the windows TelemetrySynthesizer picks (k-means over the teacher's pooled
-    hidden states and K/C/S) with (1 - a) CE + a T^2 KL to the teacher; on missed floors it is
+    hidden states and K/C/S) with --data-weight x CE + --kl-weight x T^2 KL to the teacher; on missed floors it is
     deepened once, then widened once by --width-scale, and the result says which floors still
     fail. TEACHER is a model or run directory under an allowed root, runs:/<id>/model or
     models:/<name>@<alias>.

@@ -117,8 +117,8 @@ def test_metrics_json_has_every_field_and_matches_the_measurement(teacher, corpu
     assert ckpt.validate_pretrained(path) == distilled.student.config  # the save_pretrained layout
     assert metrics["achieved"] == pytest.approx(distilled.achieved)
     assert metrics["floors"] == {"c": 0.3, "s": 0.5}
-    assert metrics["floor_checks"]["s"] == {"metric": "sample_S", "achieved": pytest.approx(distilled.achieved["sample_S"]),
-                                            "floor": 0.5, "met": True}
+    assert metrics["floor_checks"]["s"] == {"metric": "sample_S", "floor": 0.5, "met": True,
+                                            "achieved": pytest.approx(distilled.achieved["sample_S"])}
     assert metrics["teacher"]["val_bpb"] == pytest.approx(distilled.teacher_metrics["val_bpb"])
     assert metrics["student"]["val_bpb"] == pytest.approx(distilled.achieved["val_bpb"])
     assert metrics["teacher"]["n_parameters"] == teacher.num_parameters()

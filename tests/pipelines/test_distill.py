@@ -1,4 +1,4 @@
-"""Distillation on Ray Train: the student is logged, registered as models:/<name>@distilled, loaded by pyfunc and served."""
+"""Distillation on Ray Train: the student is logged and registered as models:/<name>@distilled, loaded and served."""
 
 from __future__ import annotations
 
