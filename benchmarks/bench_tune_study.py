@@ -5,7 +5,7 @@ the search on a local Ray with MLflow in the local store, and appends the result
 search to --out. Run from benchmarks/, e.g.:
 
   python bench_tune_study.py --space representation --minutes-per-trial 3 --preset small --scheduler fifo
-  python bench_tune_study.py --space diffusion --num-samples 8 --minutes-per-trial 1 --preset tiny
+  python bench_tune_study.py --space diffusion --num-samples 8 --minutes-per-trial 1 --preset tiny --causal-baseline
   python bench_tune_study.py --space telemetry --num-samples 8 --minutes-per-trial 1 --preset tiny
 """
 
@@ -34,6 +34,23 @@ def prepare(work: Path) -> Path:
         subprocess.run([str(Path(sys.executable).parent / "bitlm"), "prepare", str(SHAKESPEARE), "--out", str(data)],
                        check=True)
     return data
+
+
+def causal_baseline(data: Path, work: Path, preset: str, minutes: float) -> dict:
+    """A causal model of the same size, budget and CPU share as a trial (the diffusion study's reference)."""
+    out = work / f"causal-{preset}-{minutes:g}min"
+    command = [str(Path(sys.executable).parent / "bitlm"), "train", "--data", str(data), "--out", str(out),
+               "--preset", preset, "--minutes", str(minutes), "--workers", "1", "--set", "run.cpus_per_worker=1.5",
+               "--set", "train.eval_every=100", "--set", "run.experiment=bitlm-tune", "--no-resume"]
+    done = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    return parse_baseline(done) | {"command": " ".join(command[1:])}
+
+
+def parse_baseline(stdout: str) -> dict:
+    """Steps and val bpb from `bitlm train`'s closing line ('done: step N; val bpb X; ...')."""
+    line = next(text for text in stdout.splitlines() if text.startswith("done: step"))
+    step, bpb = line.split(";")[0].split()[-1], line.split("val bpb ")[1].split(";")[0]
+    return {"causal_steps": int(step), "causal_val_bpb": float(bpb)}
 
 
 def rows(csv_path: Path) -> list[dict]:
@@ -69,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheduler", default="asha", choices=["asha", "fifo"])
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-tune")
     parser.add_argument("--set", dest="sets", action="append", default=[])
+    parser.add_argument("--causal-baseline", action="store_true",
+                        help="also train a causal model of the same preset and budget (for the diffusion study)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "tune.jsonl")
     args = parser.parse_args(argv)
 
@@ -90,7 +109,14 @@ def main(argv: list[str] | None = None) -> None:
         emit(base | {"trial": row}, args.out)
     for cell in cells(args.space, table):
         emit(base | cell, args.out)
-    emit(base | {"summary": True, "n_trials": len(table), "seconds_total": round(time.time() - start, 1)}, args.out)
+    summary = {"summary": True, "n_trials": len(table), "seconds_total": round(time.time() - start, 1)}
+    scored = [r for r in table if isinstance(r.get("objective"), float)]
+    if scored:
+        best = min(scored, key=lambda r: r["objective"])
+        summary |= {"best_trial": best["trial_id"], "best_objective": round(best["objective"], 4)}
+    if args.causal_baseline:
+        summary |= causal_baseline(data, args.work, args.preset, args.minutes_per_trial)
+    emit(base | summary, args.out)
     print(json.dumps({"results": str(args.out)}))
 
 

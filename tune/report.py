@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .progress import STATUS_FILE, _short
-from .spaces import _sampler
+from .spaces import sampler_of
 
 _METRIC_COLUMNS = ("val/bpb", "val/elbo_bpb", "val/K", "val/C", "val/S", "gate/false_block_rate",
                    "gate/loop_miss_rate", "gate/random_miss_rate", "train_seconds")
@@ -83,7 +83,7 @@ def plot(space, rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     n_rows = math.ceil(len(keys) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        kind, _ = _sampler(key, space.params[key])
+        kind, _ = sampler_of(key, space.params[key])
         values = [r[key] for r in scored]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:

@@ -311,6 +311,20 @@ def _parent_run(search: SearchConfig, uri: str) -> Optional[str]:
     return tracker.run_id
 
 
+def check_data(base: PipelineConfig) -> None:
+    """ValueError unless run.data is a prepared corpus (checked before Ray starts)."""
+    if not base.run.data or not (Path(base.run.data) / "manifest.json").exists():
+        raise ValueError(f"run.data: {base.run.data or '(empty)'} holds no manifest.json (write it with `bitlm prepare`)")
+
+
+def _check_same_space(search: SearchConfig) -> None:
+    """A resumed search keeps the space it started with (Tune restores its samplers, not ours)."""
+    saved = search.experiment_dir / "space.json"
+    if saved.exists() and json.loads(saved.read_text()) != search.space.to_dict():
+        raise ValueError(f"tune: {search.experiment_dir} was started with another space "
+                         f"({json.loads(saved.read_text()).get('name')}); resume it with the same --space")
+
+
 def expected_trials(search: SearchConfig) -> int:
     """Trials the search makes in all: num_samples for random search, times the grid's size for grid search."""
     size = 1
@@ -336,8 +350,7 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
 
     base = search.base
     validate(search.space, base)
-    if not base.run.data or not (Path(base.run.data) / "manifest.json").exists():
-        raise ValueError(f"run.data: {base.run.data or '(empty)'} holds no manifest.json (write it with `bitlm prepare`)")
+    check_data(base)
     base = dataclasses.replace(base, run=dataclasses.replace(base.run, data=str(Path(base.run.data).resolve())))
     search = dataclasses.replace(search, base=base)
     exp_dir = search.experiment_dir
@@ -350,6 +363,10 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
                          f"--name / --storage")
     if resume and not restorable:
         echo(f"nothing to resume in {exp_dir}: starting a new search")
+    if resume and restorable:
+        _check_same_space(search)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / "space.json").write_text(json.dumps(search.space.to_dict(), indent=2) + "\n")
     uri = tracking_uri()
     parent_run_id = _parent_run(search, uri)
     setup = {"space": search.space.to_dict(), "base": to_dict(base), "runs_dir": str(exp_dir / "runs"),
@@ -397,6 +414,10 @@ def run_search_cli(search: SearchConfig, *, resume: bool = False, address: Optio
         validate(search.space, search.base)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--space") from None
+    try:
+        check_data(search.base)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS")

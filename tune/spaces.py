@@ -150,7 +150,8 @@ def render(value: Any) -> str:
     return str(value)
 
 
-def _sampler(key: str, spec: Any) -> tuple[str, Any]:
+def sampler_of(key: str, spec: Any) -> tuple[str, Any]:
+    """(sampler kind, its argument) of one searched key, e.g. ("loguniform", [1e-4, 1e-2])."""
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
         raise ValueError(f"{key}: expected one sampler of {list(SAMPLERS)}, e.g. {{\"choice\": [1, 2]}}, got {spec!r}")
     return next(iter(spec.items()))
@@ -234,7 +235,7 @@ def validate(space: Space, base: Any) -> None:
         raise ValueError(f"{prefix}fixed: {err}") from None
     for key, raw in space.params.items():
         try:
-            kind, spec = _sampler(key, raw)
+            kind, spec = sampler_of(key, raw)
             if kind != "bundle" and "." not in key:
                 raise ValueError(f"{key}: not a dotted config key (e.g. train.lr); only a bundle takes a plain label")
             if kind == "bundle" and "." in key:
@@ -259,7 +260,7 @@ def to_tune(space: Space, search: Optional[Search] = None, grid_points: int = 3)
     search = search or space.search
     out: dict[str, Any] = {}
     for key, raw in space.params.items():
-        kind, spec = _sampler(key, raw)
+        kind, spec = sampler_of(key, raw)
         if kind == "bundle":
             spec, kind = list(spec), "choice"
         if kind == "grid" or (search == "grid" and kind == "choice"):
@@ -300,7 +301,7 @@ def trial_assignments(space: Space, trial_config: dict[str, Any]) -> dict[str, A
     for key, value in trial_config.items():
         if key not in space.params:
             continue
-        kind, spec = _sampler(key, space.params[key])
+        kind, spec = sampler_of(key, space.params[key])
         if kind == "bundle":
             out.update(spec[value])
         else:
@@ -317,7 +318,7 @@ def describe(space: Space) -> str:
     """One line per searched key, for --help and the search's opening lines."""
     lines = [f"{space.name}: {space.description}" if space.description else space.name]
     for key, raw in space.params.items():
-        kind, spec = _sampler(key, raw)
+        kind, spec = sampler_of(key, raw)
         shown = list(spec) if kind == "bundle" else spec
         lines.append(f"  {key}: {kind} {json.dumps(shown)}")
     return "\n".join(lines)

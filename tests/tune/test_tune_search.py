@@ -170,6 +170,9 @@ def test_a_search_stopped_after_two_trials_resumes_without_repeats_or_duplicate_
     assert second.parent_run_id == first.parent_run_id
     assert len(runs) == 4 and len({r.data.tags["bitlm.tune.trial_id"] for r in runs}) == 4
     assert any(r["status"] == "stopped early" for r in second.rows)
+    other = search_config("diffusion", corpus_dir, tmp_path, name="representation")
+    with pytest.raises(ValueError, match="started with another space"):
+        run_search(other, resume=True, echo=lambda line: None)
 
 
 def test_bitlm_tune_help_explains_each_space():
