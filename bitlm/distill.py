@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from . import checkpoint as ckpt
 from . import telemetry as tm
@@ -346,43 +345,21 @@ def corpus_hashes(corpus: Corpus) -> dict[str, str]:
     return {"manifest_sha256": digest, "manifest_sha256_of": of, "identity": corpus_identity(corpus.manifest)}
 
 
-def _write_model(directory: Path, model) -> None:
-    """config.json + model.safetensors as bitlm.checkpoint writes them, avoiding a header its pickle check refuses.
-
-    checkpoint._tensor_shapes takes a file whose first byte is 0x80 for a pickle; a safetensors file
-    starts with its header length (little-endian), so one header length in 256 (4736 here, a deepened
-    and widened student) made a valid file unloadable. 8 bytes of metadata padding move it off.
-    """
-    ckpt._write_json(directory / "config.json", {"format": ckpt.FORMAT, "model": to_dict(model.config)})
-    state = cpu_state(model)
-    for pad in range(0, 64, 8):
-        save_file(state, str(directory / ckpt.WEIGHTS),
-                  metadata={"format": ckpt.FORMAT} | ({"padding": " " * pad} if pad else {}))
-        with (directory / ckpt.WEIGHTS).open("rb") as f:
-            if f.read(1) != b"\x80":
-                return
-
-
 def save_model(model, path: str | Path) -> Path:
-    """The save_pretrained layout, written atomically (with the header fix of _write_model)."""
-    path = Path(path)
-    with ckpt.atomic_directory(path) as tmp:
-        _write_model(tmp, model)
-    return path
+    """The save_pretrained layout, written atomically (a round's starting student for the Ray workers)."""
+    return ckpt.save_pretrained(model, path)
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> BitTransformerLM:
-    """A model from a save_pretrained directory of our own making (names and shapes checked by load_state)."""
-    model = BitTransformerLM(ckpt.read_config(path))
-    ckpt.load_weights(model, path)
-    return model.to(device)
+    """A model from a save_pretrained directory, checked like every other source (bitlm.checkpoint)."""
+    return ckpt.from_pretrained(path, device=device)
 
 
 def save_distilled_model(student, path: str | Path, metrics: dict[str, Any]) -> Path:
     """The save_pretrained layout plus metrics.json, written atomically together; returns the directory."""
     path = Path(path)
     with ckpt.atomic_directory(path) as tmp:
-        _write_model(tmp, student)
+        ckpt._write_model(tmp, student.config, cpu_state(student))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
     return path
 
