@@ -236,7 +236,7 @@ def test_cli_local_writes_the_student_and_its_metrics(cli_dirs):
     metrics = read_metrics(out)
     assert metrics["n_rounds"] == 3 and metrics["missed"] == ["s"] and metrics["teacher"]["source"].endswith("teacher")
     assert "floors still missed after 3 round(s)" in result.output and f"saved to {out}" in result.output
-    assert ckpt.validate_pretrained(out).d_ff == 192  # a header length that starts with 0x80 (see _write_model)
+    assert ckpt.validate_pretrained(out).d_ff == 192  # its header length has low byte 0x80
 
 
 @pytest.mark.parametrize("args, names", [
