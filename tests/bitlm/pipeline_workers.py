@@ -49,6 +49,10 @@ def run_all(rank: int, world_size: int, directory: str, steps: list[dict], evals
     run_eval_and_checkpoint(rank, world_size, directory, evals)
     if fit_scenario is not None:
         run_fit(rank, world_size, directory, **fit_scenario)
+    # both ranks done before either tears the group down: a rank that left while the other's gloo
+    # threads still served a send or receive killed it with SIGABRT ("terminate called without an
+    # active exception"), seen once in a clean-clone run
+    dist.barrier()
     dist.destroy_process_group()
 
 
