@@ -53,6 +53,7 @@ def run_all(rank: int, world_size: int, directory: str, steps: list[dict], evals
     # threads still served a send or receive killed it with SIGABRT ("terminate called without an
     # active exception"), seen once in a clean-clone run
     dist.barrier()
+    (Path(directory) / f"done-{rank}").write_text("every scenario written\n")
     dist.destroy_process_group()
 
 

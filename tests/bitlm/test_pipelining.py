@@ -34,8 +34,15 @@ FIT_SCENARIO = {"kind": "patched", "n_layers": 2, "schedule": "1f1b"}
 def runs(tmp_path_factory):
     """Every 2-process scenario in one spawn (its start-up is most of the cost); the files each rank wrote."""
     directory = tmp_path_factory.mktemp("pipeline")
-    mp.spawn(workers.run_all, args=(WORLD, str(directory), STEP_SCENARIOS, EVAL_SCENARIOS,
-                                     FIT_SCENARIO if FITS else None), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(workers.run_all, args=(WORLD, str(directory), STEP_SCENARIOS, EVAL_SCENARIOS,
+                                         FIT_SCENARIO if FITS else None), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException:
+        # a rank is sometimes aborted by gloo's threads while the process exits ("terminate called
+        # without an active exception", about 1 run in 5 on 2 cores), after every result was written
+        # and the ranks met at a barrier; only a crash before that fails the tests
+        if not all((directory / f"done-{rank}").exists() for rank in range(WORLD)):
+            raise
     return directory
 
 
