@@ -259,7 +259,8 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=data))
     run_dir = run_directory(cfg)
     _check_data(cfg, run_dir)
-    uri = tracking_uri()
+    # MLFLOW_TRACKING_URI, else the MLflow server of a running `bitlm cluster up --local`, else sqlite in cwd
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or _recorded("mlflow") or tracking_uri()
     run_id = mlflow_run_id if mlflow_run_id and cfg.run.tracking else _mlflow_run_id(cfg, run_dir, uri)
     trainer = TorchTrainer(
         train_fn_per_worker,
@@ -364,8 +365,16 @@ def run_training(cfg: PipelineConfig, *, address: Optional[str] = None):
 
 
 def ray_address(address: Optional[str]) -> str:
-    """The cluster to join: `address`, else RAY_ADDRESS, else "local" (a new local Ray, never another one found)."""
-    return address or os.environ.get("RAY_ADDRESS") or "local"
+    """The cluster to join: `address`, else RAY_ADDRESS, else the running `bitlm cluster up --local` head,
+    else "local" (a new local Ray, never another one found)."""
+    return address or os.environ.get("RAY_ADDRESS") or _recorded("ray") or "local"
+
+
+def _recorded(key: str) -> Optional[str]:
+    """An address ("ray", "mlflow") of the running `bitlm cluster up --local`, if there is one."""
+    from cluster.state import recorded_addresses
+
+    return recorded_addresses().get(key)
 
 
 def failure_text(error: BaseException) -> str:

@@ -37,10 +37,50 @@ def main(ctx: click.Context, verbose: bool) -> None:
         os.environ[console.VERBOSE_ENV] = "1"  # child processes (a local Ray's workers) see it too
     if ctx.invoked_subcommand in _RAY_COMMANDS:
         console.quiet()
+    if ctx.invoked_subcommand in _RAY_COMMANDS - {"cluster"}:
+        _join_recorded_cluster()
 
 
 # Commands that start or join Ray; only these pay for importing it to quiet its output.
 _RAY_COMMANDS = {"train", "demo", "serve", "tune", "cluster", "distill"}
+
+
+def _join_recorded_cluster() -> None:
+    """After `bitlm cluster up --local`, commands run there: its addresses become the environment's defaults.
+
+    An --address flag still wins (commands read it before RAY_ADDRESS), and so do RAY_ADDRESS and
+    MLFLOW_TRACKING_URI when already set; with no live recorded cluster nothing changes.
+    """
+    from cluster.state import recorded_addresses
+
+    recorded = recorded_addresses()
+    if recorded:
+        os.environ.setdefault("RAY_ADDRESS", recorded["ray"])
+        os.environ.setdefault("MLFLOW_TRACKING_URI", recorded["mlflow"])
+
+
+class _LazyGroup(click.Group):
+    """A subcommand group imported only when invoked (or its help is asked for)."""
+
+    def __init__(self, name: str, target: str, **kwargs):
+        super().__init__(name, **kwargs)
+        self._target = target
+
+    def _group(self) -> click.Group:
+        import importlib
+
+        module, attr = self._target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return self._group().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str):
+        return self._group().get_command(ctx, name)
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.help = self._group().help
+        super().format_help_text(ctx, formatter)
 
 
 main.add_command(prepare_command)
@@ -52,3 +92,5 @@ main.add_command(ui_command)
 main.add_command(serve_command)
 main.add_command(distill_command)
 main.add_command(tune_command)
+main.add_command(_LazyGroup("cluster", "cluster.cli:cluster_group",
+                            short_help="Start, stop and use a Ray cluster (local head + MLflow, AWS, GCP)."))

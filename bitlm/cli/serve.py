@@ -26,8 +26,9 @@ import click
               help="Directory a local --model may resolve into; repeatable [default: BITLM_SERVE_ROOTS, else cwd].")
 @click.option("--audit-log", default="serve_audit.jsonl", show_default=True, help="One JSON line per gate verdict.")
 @click.option("--address", default=None,
-              help="Deploy to a running Ray cluster (e.g. auto or ray://host:10001) and return; "
-                   "default: start a local Ray and serve until Ctrl-C.")
+              help="Deploy to a running Ray cluster (e.g. auto or ray://host:10001) and return "
+                   "[RAY_ADDRESS, else the cluster of `bitlm cluster up --local`]; "
+                   "with none, start a local Ray and serve until Ctrl-C.")
 def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowed_roots, audit_log, address):
     """Serve --model at http://HOST:PORT (/v1/generate, /v1/score, /v1/model, /healthz, /docs).
 
@@ -38,6 +39,8 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
     from serve.app import build_app
     from serve.audit import AuditLogError
 
+    # RAY_ADDRESS (set from a running `bitlm cluster up --local` by the bitlm group) counts as --address
+    address = address or os.environ.get("RAY_ADDRESS") or None
     # everything that can go wrong here is found before Ray starts: one line instead of Ray's retries
     if address is None:  # on a cluster the proxy binds there, and the cluster's CPUs count
         _check_bindable(host, port)
