@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 3
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean image
 
 install: $(STAMP)
 
@@ -24,6 +24,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/bitlm demo --out $(DEMO_DIR) --minutes $(DEMO_MINUTES)
+
+# The cluster image (Dockerfile): tagged with the pinned ray, which must equal the cluster's and the client's.
+RAY_VERSION := $(shell sed -n 's/.*"ray\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+IMAGE ?= bitlm:$(RAY_VERSION)-py311-cu128
+
+image:
+	docker build -t $(IMAGE) .
+	@echo "built $(IMAGE); push it where the nodes pull from and set docker.image (or BITLM_IMAGE)"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -83,11 +83,14 @@ def up_command(local, config, num_cpus, num_gpus, timeout_s):
     """
     _need_one(local, config)
     if config is not None:
-        from .cloud import render, write_rendered
+        from .cloud import cluster_token, render, write_rendered
 
         path, loaded = _cloud(config)
-        rendered = write_rendered(render(loaded, os.environ), path, state.home() / "rendered")
-        click.echo(f"ray up {path.name} (rendered copy: {rendered})", err=True)
+        rendered_dir = state.home() / "rendered"
+        token = cluster_token(rendered_dir, str(loaded["cluster_name"]))
+        rendered = write_rendered(render(loaded, os.environ, token), path, rendered_dir)
+        click.echo(f"ray up {path.name} (rendered copy: {rendered}; Ray auth token: "
+                   f"{rendered_dir / (str(loaded['cluster_name']) + '.token')})", err=True)
         raise SystemExit(_run_ray("up", "-y", str(rendered)))
     from .local import AlreadyRunning, ClusterError, start
 

@@ -2,12 +2,18 @@
 
 The checks, in order, each one line naming the file or the missing piece: the config file exists
 (a name means cluster/configs/NAME.yaml), it parses, its provider is one bitlm ships configs for,
-the local files it references exist, the provider's SDK is installed, and credentials are
-configured (looked up in the environment and the SDK's files only: no request is made).
+the local files it references exist, no CHANGE-ME placeholder is left, the provider's SDK is
+installed, and credentials are configured (looked up in the environment and the SDK's files
+only: no request is made).
+
+`bitlm cluster up` runs a rendered copy: the image from BITLM_IMAGE if set, and an env file
+(~/.bitlm-env on every node, sourced by the set-up and start commands) holding the MLflow store
+settings forwarded from this environment and the cluster's Ray auth token.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shlex
@@ -21,9 +27,10 @@ PROVIDERS = {
     "aws": ("boto3", "boto3", "aws"),
     "gcp": ("googleapiclient", "google-api-python-client", "gcp"),
 }
-# read by the head's set-up (its MLflow server); forwarded from this environment by `bitlm cluster up`
+# read by the head's MLflow server; forwarded from this environment by `bitlm cluster up`
 FORWARDED_ENV = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION")
-HEAD_ENV_FILE = "~/.bitlm-env"
+ENV_FILE = "~/.bitlm-env"
+PLACEHOLDER = "CHANGE-ME"
 
 
 class ConfigError(ValueError):
@@ -105,26 +112,57 @@ def check_credentials(kind: str, env: Optional[Mapping[str, str]] = None, home: 
         raise ConfigError(f"no {kind.upper()} credentials found; {hint}")
 
 
-def preflight(config: str, *, credentials: bool = True) -> tuple[Path, dict[str, Any]]:
-    """Every check above; returns the config's path and contents."""
+def check_placeholders(config: Mapping[str, Any], path: Path) -> None:
+    """Refuse a config that still holds a CHANGE-ME value (an image, a file system, a project)."""
+    import yaml
+
+    found = sorted({line.strip() for line in yaml.safe_dump(dict(config)).splitlines() if PLACEHOLDER in line})
+    if found:
+        raise ConfigError(f"{path}: edit the {PLACEHOLDER} values first: " + "; ".join(found)[:600])
+
+
+def preflight(config: str, *, env: Optional[Mapping[str, str]] = None,
+              credentials: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Every check above, before anything is contacted (on the config as `up` renders it); returns its path
+    and its contents as written."""
+    env = os.environ if env is None else env
     path = resolve(config)
     loaded = load(path)
     kind = provider_type(loaded, path)
-    check_files(loaded, path)
+    rendered = render(loaded, env)
+    check_files(rendered, path)
+    check_placeholders(rendered, path)
     check_sdk(kind)
     if credentials:
-        check_credentials(kind)
+        check_credentials(kind, env)
     return path, loaded
 
 
-def render(config: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """The config with FORWARDED_ENV values of `env` written to the head's env file before its set-up runs."""
+def render(config: Mapping[str, Any], env: Mapping[str, str], token: Optional[str] = None) -> dict[str, Any]:
+    """What `bitlm cluster up` runs: BITLM_IMAGE as the image, and on every node, before its set-up, an env
+    file with the FORWARDED_ENV values of `env` and the cluster's Ray auth token (when one is given)."""
     lines = [f"export {k}={shlex.quote(env[k])}" for k in FORWARDED_ENV if env.get(k)]
-    write = f"printf '%s\\n' {' '.join(shlex.quote(line) for line in lines)} > {HEAD_ENV_FILE}" if lines \
-        else f": > {HEAD_ENV_FILE}"
-    rendered = dict(config)
-    rendered["head_setup_commands"] = [write, *(config.get("head_setup_commands") or [])]
+    if token:
+        lines += ["export RAY_AUTH_MODE=token", f"export RAY_AUTH_TOKEN={shlex.quote(token)}"]
+    write = (f"printf '%s\\n' {' '.join(shlex.quote(line) for line in lines)} > {ENV_FILE}; chmod 600 {ENV_FILE}"
+             if lines else f": > {ENV_FILE}")
+    rendered = copy.deepcopy(dict(config))
+    rendered["setup_commands"] = [write, *(config.get("setup_commands") or [])]
+    if env.get("BITLM_IMAGE"):
+        rendered.setdefault("docker", {})["image"] = env["BITLM_IMAGE"]
     return rendered
+
+
+def cluster_token(directory: Path, name: str) -> str:
+    """The Ray auth token of cluster `name`: made once, kept in <directory>/<name>.token (mode 600)."""
+    import secrets
+
+    path = directory / f"{name}.token"
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return path.read_text().strip()
 
 
 def write_rendered(config: dict[str, Any], source: Path, directory: Path) -> Path:

@@ -235,26 +235,32 @@ def _ours(cluster: LocalCluster) -> list[Process]:
     return [p for p in found.values() if p.alive()]
 
 
-def stop(cluster: LocalCluster, timeout_s: float = 30) -> list[Process]:
-    """SIGTERM the group leaders (each stops what it started), then SIGKILL whatever of ours is left.
+def stop(cluster: LocalCluster, timeout_s: float = 30, grace_s: float = 5) -> list[Process]:
+    """SIGTERM the group leaders (each stops what it started) and wait for them; then SIGTERM what of
+    ours outlived its leader, and SIGKILL whatever is left after `grace_s`.
 
     Returns the processes that were running when called.
     """
     running = _ours(cluster)
-    for leader in cluster.leaders():
-        if leader.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(leader.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(p.alive() for p in running):
-        time.sleep(0.2)
-    for process in running:
-        if process.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signal.SIGKILL)
-    for process in _ours(cluster):  # started while we waited (a worker Ray was spawning)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
+    leaders = [p for p in cluster.leaders() if p.alive()]
+    _signal(leaders, signal.SIGTERM)
+    _wait_gone(leaders, timeout_s)
+    _signal([p for p in running if p.alive()], signal.SIGTERM)
+    _wait_gone(running, grace_s)
+    _signal([p for p in running if p.alive()], signal.SIGKILL)
+    _signal(_ours(cluster), signal.SIGKILL)  # started while we waited (a worker Ray was spawning)
     if cluster.temp_dir.startswith("/tmp/bitlm-"):
         shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     return running
+
+
+def _signal(processes: list[Process], signum: int) -> None:
+    for process in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+def _wait_gone(processes: list[Process], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(p.alive() for p in processes):
+        time.sleep(0.2)
