@@ -70,8 +70,10 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _write_model(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> None:
-    _write_json(directory / "config.json", {"format": FORMAT, "model": to_dict(config)})
+def _write_model(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor],
+                 quantization: Optional[dict] = None) -> None:
+    extra = {"quantization": quantization} if quantization else {}  # bitlm.quantization's record
+    _write_json(directory / "config.json", {"format": FORMAT, "model": to_dict(config)} | extra)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": FORMAT})
 
 
@@ -79,7 +81,7 @@ def save_pretrained(model, directory: str | Path) -> Path:
     """Write config.json + model.safetensors atomically; returns the directory."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        _write_model(tmp, model.config, cpu_state(model))
+        _write_model(tmp, model.config, cpu_state(model), getattr(model, "quantization", None))
     return directory
 
 
@@ -109,6 +111,23 @@ def read_config(directory: str | Path) -> ModelConfig:
         return from_dict(ModelConfig, data["model"])
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: {err}") from None
+
+
+def read_quantization(directory: str | Path) -> Optional[dict]:
+    """How the model in a directory is quantized (see bitlm.quantization), or None for full precision."""
+    path = Path(directory) / "config.json"
+    try:
+        spec = json.loads(path.read_bytes()).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_config says what is wrong with the file
+    if spec is None:
+        return None
+    from .quantization import check_spec
+
+    try:
+        return check_spec(spec, path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def resolve_pretrained(path: str | Path) -> Path:
@@ -152,14 +171,15 @@ def check_weights(directory: str | Path, config: ModelConfig) -> None:
     """CheckpointError unless directory/model.safetensors holds exactly the tensors of `config`'s model."""
     directory = Path(directory)
     path = directory / WEIGHTS
+    # a pickle beside the weights is refused too: a loader that prefers it would run its code
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_SUFFIXES)
+    if pickled:
+        raise CheckpointError(f"{directory}: holds pickled weights {pickled}; only {WEIGHTS} is loaded "
+                              "(pickles can run code): remove them, or convert with bitlm's save_pretrained")
     if not path.is_file():
-        pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLED_SUFFIXES)
-        if pickled:
-            raise CheckpointError(f"{directory}: holds pickled weights {pickled}; only {WEIGHTS} is loaded "
-                                  "(pickles can run code): convert with bitlm's save_pretrained")
         raise CheckpointError(f"{path}: not a file" if path.exists() else f"{path}: not found")
     found = _tensor_shapes(path)
-    expected = _model_shapes(config, directory / "config.json")
+    expected = _model_shapes(config, directory / "config.json", read_quantization(directory))
     faults = []
     if missing := sorted(set(expected) - set(found)):
         faults.append(f"missing {_some(missing)}")
@@ -198,13 +218,14 @@ def _tensor_shapes(path: Path) -> dict[str, list[int]]:
                               f"{str(err).removeprefix('Error while deserializing header: ')})") from None
 
 
-def _model_shapes(config: ModelConfig, source: Path) -> dict[str, list[int]]:
+def _model_shapes(config: ModelConfig, source: Path, quantization: Optional[dict] = None) -> dict[str, list[int]]:
     """Parameter and buffer shapes of the model `config` builds, on the meta device (nothing is allocated)."""
     from .model import BitTransformerLM  # model imports codec/telemetry; keep this module light
+    from .quantization import build_quantized
 
     try:
         with torch.device("meta"):
-            state = BitTransformerLM(config).state_dict()
+            state = (build_quantized(config, quantization) if quantization else BitTransformerLM(config)).state_dict()
     except Exception as err:  # noqa: BLE001 - whatever stops the model from being built, said in one line
         raise CheckpointError(f"{source}: the model it describes cannot be built ({type(err).__name__}: {err})") \
             from None
@@ -217,7 +238,16 @@ def from_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
 
     config = read_config(directory)
     check_weights(directory, config)  # one line naming the file, before a loader's traceback
-    model = BitTransformerLM(config)
+    quantization = read_quantization(directory)
+    if quantization is None:
+        model = BitTransformerLM(config)
+    else:  # quantized layers built empty, then filled from the safetensors like any other weights
+        from .quantization import build_quantized
+
+        if torch.device(device).type != "cpu":
+            raise CheckpointError(f"{directory}: a {quantization['method']} model runs on CPU only "
+                                  f"(asked for {device})")
+        model = build_quantized(config, quantization)
     load_weights(model, directory)
     return model.to(device)
 

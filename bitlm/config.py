@@ -250,6 +250,10 @@ class TrainConfig:
     compress_prob: float = 0.0
     compress_warmup_steps: int = 0
     compress_ramp_steps: int = 0
+    # 4-bit quantization-aware training: the linear layers' weights are fake-quantized in groups of
+    # qat_group_size input columns (bitlm.quantization.prepare_qat); `bitlm quantize --int4` converts
+    qat: bool = False
+    qat_group_size: int = 32
 
     def __post_init__(self) -> None:
         _check_fields(self, "train.")
@@ -275,6 +279,8 @@ class TrainConfig:
         _check(0.0 <= self.compress_prob <= 1.0, "train.compress_prob", f"must be in [0, 1], got {self.compress_prob}")
         for name in ("compress_warmup_steps", "compress_ramp_steps"):
             _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.qat_group_size in (32, 64, 128, 256), "train.qat_group_size",
+               f"must be 32, 64, 128 or 256, got {self.qat_group_size}")
 
 
 @dataclass(frozen=True, kw_only=True)

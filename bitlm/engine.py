@@ -194,6 +194,10 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
         detector = PlateauDetector(scaling.window, scaling.improve_thresh)
         if saved is not None and "plateau" in saved[2]:
             detector.load_state_dict(saved[2]["plateau"])
+    if cfg.qat:  # before the optimizer and any wrapper: they see the fake-quantized layers
+        from .quantization import prepare_qat
+
+        prepare_qat(base, cfg.qat_group_size)
     n_parameters = base.num_parameters()  # of the whole model, before a strategy shards or splits it
     net = strategy.wrap(base)
     optimizer = build_optimizer(base, cfg)
@@ -362,6 +366,10 @@ def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig]
                 grown = grow(base, strategy, scaling, expansions, context_bytes, corpus, step, cfg.seed)
                 if grown is not None:
                     base, event = grown
+                    if cfg.qat:
+                        from .quantization import prepare_qat
+
+                        prepare_qat(base, cfg.qat_group_size)
                     detector.reset()
                     net = strategy.wrap(base)
                     if cfg.compile:

@@ -1,4 +1,4 @@
-"""Model sources for serving: a local directory under an allowed root, or an MLflow model URI; safetensors only."""
+"""Model sources for serving: a local directory under an allowed root, an MLflow model URI or hf://user/repo; safetensors only."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from bitlm.checkpoint import WEIGHTS, CheckpointError, resolve_pretrained, valid
 from bitlm.store import default_tracking_uri
 
 _MLFLOW_URI = re.compile(r"^(runs|models):/")
+HUB_PREFIX = "hf://"  # hf://user/repo[@revision]: a Hugging Face Hub model, downloaded (or read from the cache)
 
 
 class SourceError(CheckpointError):
@@ -36,7 +37,9 @@ def resolve_source(source: str, allowed_roots: Optional[Iterable[str | Path]] = 
     A local source may be a save_pretrained directory, a checkpoint directory (Ray Train's or
     `train --local`'s), or a run directory (its `model/`, else its newest checkpoint); see
     bitlm.checkpoint.resolve_pretrained. An MLflow `runs:/...` or `models:/...` URI is downloaded
-    first, and the download removed again when the source is refused. The model is checked by
+    first, and the download removed again when the source is refused; `hf://user/repo[@revision]`
+    goes to the Hugging Face cache (bitlm.hub.download: checked against the Hub's hashes), whose
+    folder of that repository becomes an allowed root. The model is checked by
     bitlm.checkpoint.validate_pretrained (config, format, tensor names and shapes) without loading it.
     """
     roots = [Path(r).resolve() for r in (allowed_roots or default_roots())]
@@ -44,6 +47,9 @@ def resolve_source(source: str, allowed_roots: Optional[Iterable[str | Path]] = 
     if _MLFLOW_URI.match(source):
         download, local = _download(source)
         roots.append(download_root().resolve())
+    elif source.startswith(HUB_PREFIX):
+        local = hub_download(source)
+        roots.append(local.resolve().parents[1])  # models--user--repo: its snapshots link into its blobs/
     else:
         local = Path(source).expanduser()
     try:
@@ -107,3 +113,14 @@ def _download(uri: str) -> tuple[Path, Path]:
         shutil.rmtree(target, ignore_errors=True)
         raise
     return target, found[0]
+
+
+def hub_download(source: str) -> Path:
+    """The local snapshot of an hf://user/repo[@revision] source; SourceError in one line when it cannot be had."""
+    from bitlm.hub import HubError, download
+
+    repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
+    try:
+        return download(repo_id, revision=revision or None)
+    except HubError as err:
+        raise SourceError(f"model source {source!r}: {err}") from None

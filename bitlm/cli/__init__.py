@@ -9,7 +9,9 @@ import click
 from . import console
 from .distill import distill_command
 from .generate import generate_command
+from .hub import hub_group
 from .prepare import prepare_command
+from .quantize import quantize_command
 from .score import eval_command
 from .serve import serve_command
 from .train import demo_command, train_command
@@ -92,5 +94,7 @@ main.add_command(ui_command)
 main.add_command(serve_command)
 main.add_command(distill_command)
 main.add_command(tune_command)
+main.add_command(quantize_command)
+main.add_command(hub_group)
 main.add_command(_LazyGroup("cluster", "cluster.cli:cluster_group",
                             short_help="Start, stop and use a Ray cluster (local head + MLflow, AWS, GCP)."))

@@ -14,11 +14,17 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")
 def model_dir(ctx: click.Context, param: click.Parameter, value: str) -> Path:
     """The model directory `value` names (a run directory resolves to its model), checked without loading it.
 
+    `hf://user/repo[@revision]` is downloaded from the Hugging Face Hub first (bitlm.hub.download).
     The message of a bad one is bitlm.checkpoint's, the same line `bitlm serve` prints.
     """
     from ..checkpoint import CheckpointError, resolve_pretrained, validate_pretrained
 
     try:
+        if value.startswith("hf://"):
+            from ..hub import download
+
+            repo_id, _, revision = value.removeprefix("hf://").partition("@")
+            value = download(repo_id, revision=revision or None)
         directory = resolve_pretrained(value)
         validate_pretrained(directory)
     except CheckpointError as err:
@@ -65,3 +71,8 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
     return value
+
+
+def optional_model_dir(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """model_dir for an optional option."""
+    return None if value is None else model_dir(ctx, param, value)

@@ -154,6 +154,8 @@ def _score_text(metrics) -> str:
                    "[run.strategy=ddp].")
 @click.option("--gpu", is_flag=True, help="Ray: one GPU per worker (NCCL).")
 @click.option("--scaling", is_flag=True, help="Grow the model (depth, width, context) when val loss plateaus.")
+@click.option("--qat", is_flag=True, help="4-bit quantization-aware training (train.qat; needs torchao, "
+              "`pip install 'bitlm[quant]'`); convert afterwards with `bitlm quantize --int4`.")
 @click.option("--address", default=None, help="Ray: cluster address (default: RAY_ADDRESS, else a new local Ray).")
 @click.option("--verify-data/--no-verify-data", default=True, show_default=True,
               help="Check every shard's sha256 against the corpus manifest before training "
@@ -166,7 +168,7 @@ def _score_text(metrics) -> str:
 @click.option("--collapse-steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="--auto-collapse: optimizer steps per distillation round.")
 def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
-                  noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling,
+                  noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling, qat,
                   address, verify_data, auto_collapse, collapse_student, collapse_floors, collapse_steps):
     """Train a model on a prepared corpus.
 
@@ -179,7 +181,7 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     working directory is refused.
     """
     sets = diffusion_sets(diffusion, noise_schedule, diffusion_steps, diffusion_curriculum) + (
-        ("scaling.enabled=true",) if scaling else ()) + tuple(sets)
+        ("scaling.enabled=true",) if scaling else ()) + (("train.qat=true",) if qat else ()) + tuple(sets)
     out = Path(out_dir)
     collapse = None
     if auto_collapse:  # its options fail before training does, not after
