@@ -32,7 +32,9 @@ class JobError(RuntimeError):
 def job_client(address: str, auth_mode: Optional[str] = None):
     """A JobSubmissionClient for `address` (http://host:port of the dashboard)."""
     if auth_mode:
-        _use_auth_mode(auth_mode)
+        from .state import use_auth_mode
+
+        use_auth_mode(auth_mode)
     from ray.job_submission import JobSubmissionClient
 
     if not _verbose():
@@ -60,19 +62,6 @@ def _quiet_client_logs() -> None:
         logger.setLevel(logging.WARNING)
         if not any(isinstance(f, _DropDefaultExcludeNotice) for f in logger.filters):
             logger.addFilter(_DropDefaultExcludeNotice())
-
-
-def _use_auth_mode(mode: str) -> None:
-    """Make this process talk to a head started with RAY_AUTH_MODE=mode (the user's own setting wins)."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    os.environ["RAY_AUTH_MODE"] = mode
-    try:  # Ray caches its config at first use; refresh it if that already happened (private, 2.60)
-        from ray._raylet import Config
-
-        Config.initialize("")
-    except (ImportError, AttributeError):
-        pass
 
 
 def project_root(start: Optional[Path] = None) -> Path:
@@ -152,11 +141,12 @@ def wait(client, job_id: str, poll_s: float = 0.5, timeout_s: Optional[float] = 
 
 
 def describe(client, limit: int = 20) -> list[dict[str, str]]:
-    """The newest jobs first: id, status, start time (UTC), entrypoint."""
+    """The newest submitted jobs first: id, status, start time (UTC), entrypoint."""
     import datetime
 
     rows = []
-    for info in sorted(client.list_jobs(), key=lambda j: j.start_time or 0, reverse=True)[:limit]:
+    submitted = [j for j in client.list_jobs() if j.submission_id]  # drivers that joined are not jobs to follow
+    for info in sorted(submitted, key=lambda j: j.start_time or 0, reverse=True)[:limit]:
         started = (datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.timezone.utc)
                    .strftime("%Y-%m-%d %H:%M:%S") if info.start_time else "-")
         rows.append({"id": info.submission_id or info.job_id or "?", "status": str(info.status.value),

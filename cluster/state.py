@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,8 @@ def remove(path: Optional[Path] = None) -> None:
 def recorded_addresses() -> dict[str, str]:
     """{"ray", "dashboard", "mlflow"} of the recorded local cluster if its head runs, else {}.
 
-    A caller that joins the cluster also needs the head's auth mode; it is set here as a default
-    of this process' environment (RAY_AUTH_MODE), which Ray reads when it connects.
+    A caller that joins the cluster also needs the head's auth mode: `use_auth_mode` sets it for
+    this process.
     """
     try:
         cluster = read()
@@ -153,5 +154,23 @@ def recorded_addresses() -> dict[str, str]:
         return {}
     if cluster is None or not cluster.running():
         return {}
-    os.environ.setdefault("RAY_AUTH_MODE", cluster.auth_mode)
+    use_auth_mode(cluster.auth_mode)
     return cluster.addresses()
+
+
+def use_auth_mode(mode: str) -> None:
+    """Talk to a head started with RAY_AUTH_MODE=mode from this process (a RAY_AUTH_MODE already set wins).
+
+    Ray reads the mode into its config once, when first imported; if ray is loaded already, that
+    config is refreshed (private API of ray 2.60), or the connection is refused as unauthenticated.
+    """
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    os.environ["RAY_AUTH_MODE"] = mode
+    if "ray" in sys.modules:
+        try:
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except (ImportError, AttributeError):
+            pass
