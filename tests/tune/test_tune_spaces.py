@@ -12,8 +12,9 @@ from bitlm.data import bit_marginals
 from bitlm.safety import SafetyConfig
 from pipelines.train import PipelineConfig, RayRunConfig
 from tune.probes import error_rates, gate_error_rates, probe_telemetry
-from tune.search import SearchConfig, concurrency, expected_trials, objective, placeable_trials, trial_config, trial_demand
-from tune.spaces import NAMED, grid_values, load_space, space_from_dict, to_tune, trial_assignments, validate
+from tune.search import SearchConfig, concurrency, expected_trials, placeable_trials, trial_config, trial_demand
+from tune.spaces import (NAMED, grid_values, load_space, objective, space_from_dict, to_tune, trial_assignments,
+                         validate)
 
 BASE = PipelineConfig(model=ModelConfig.from_name("tiny", kind="patched"))
 
