@@ -7,6 +7,8 @@ search to --out. Run from benchmarks/, e.g.:
   python bench_tune_study.py --space representation --minutes-per-trial 3 --preset small --scheduler fifo
   python bench_tune_study.py --space diffusion --num-samples 8 --minutes-per-trial 1 --preset tiny --causal-baseline
   python bench_tune_study.py --space telemetry --num-samples 8 --minutes-per-trial 1 --preset tiny
+  python bench_tune_study.py --space ../tune/examples/telemetry-lambda.json --scheduler fifo --preset tiny \
+      --minutes-per-trial 10 --set train.max_steps=1500
 """
 
 from __future__ import annotations
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     data = prepare(args.work)
-    name = f"{args.space}-{args.preset}-{args.minutes_per_trial:g}min-{int(time.time())}"
-    command = [str(Path(sys.executable).parent / "bitlm"), "tune", "--space", args.space, "--data", str(data),
+    space = str(Path(args.space).resolve()) if Path(args.space).is_file() else args.space
+    name = f"{Path(args.space).stem}-{args.preset}-{args.minutes_per_trial:g}min-{int(time.time())}"
+    command = [str(Path(sys.executable).parent / "bitlm"), "tune", "--space", space, "--data", str(data),
                "--num-samples", str(args.num_samples), "--minutes-per-trial", str(args.minutes_per_trial),
                "--preset", args.preset, "--scheduler", args.scheduler, "--storage", str(args.work / "tune"),
                "--name", name, "--trial-cpus", "0.5", "--set", "run.cpus_per_worker=1.5",

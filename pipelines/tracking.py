@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import numbers
+import queue
 import tempfile
+import threading
 import time
 import warnings
 from importlib import metadata
@@ -78,6 +80,41 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[start:start + size]
 
 
+class _MetricWriter:
+    """Writes metric batches in order on one background thread; `flush` returns once all are written.
+
+    Why not MLflow's own asynchronous logging: its writer waits on its queue with a 1 s timeout and
+    every flush (and set_terminated) joins that thread, so each flush costs 1 s, twice per Ray Train
+    run. Its buffered mode flushes at once but holds writes back for a second, and a trial that Tune
+    stops (its workers killed) then lost its last evaluation. Here a batch is written as soon as it
+    is queued, and a flush only waits for the queue to drain.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self._queue: queue.Queue = queue.Queue()
+        self._failed = False
+        threading.Thread(target=self._write_forever, args=(client, run_id), name="bitlm-mlflow-writer",
+                         daemon=True).start()
+
+    def put(self, metrics: list) -> None:
+        self._queue.put(metrics)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def _write_forever(self, client: MlflowClient, run_id: str) -> None:
+        while True:
+            batch = self._queue.get()
+            try:
+                client.log_batch(run_id, metrics=batch)
+            except Exception as err:  # a lost write must not stop training; say so once
+                if not self._failed:
+                    logger.warning("run %s: writing metrics to MLflow failed (%s); later writes are tried", run_id, err)
+                self._failed = True
+            finally:
+                self._queue.task_done()
+
+
 class RunTracker:
     """One MLflow run, written by rank 0 of a training run; `start` creates or resumes it."""
 
@@ -90,6 +127,7 @@ class RunTracker:
         self._monitor = monitor
         self._event_counts: dict[str, int] = {}
         self._n_events = 0
+        self._writer: Optional[_MetricWriter] = None
         self._restore_event_counts()
 
     @classmethod
@@ -141,10 +179,12 @@ class RunTracker:
         finite = {k: v for k, v in ((k, _as_finite(v)) for k, v in metrics.items()) if v is not None}
         timestamp = int(time.time() * 1000)
         entries = [Metric(k, v, timestamp, step) for k, v in finite.items()]
+        if entries and self._writer is None:
+            self._writer = _MetricWriter(self.client, self._run_id)
         for batch in _chunks(entries, _METRICS_PER_BATCH):
-            # asynchronous: the SQLite write happens on MLflow's logging thread, off the training step
+            # asynchronous: the SQLite write happens on the writer thread, off the training step
             # (a synchronous write per log step cost 11% of 1-worker throughput; BENCHMARKS.md)
-            self.client.log_batch(self._run_id, metrics=batch, synchronous=False)
+            self._writer.put(batch)
         return finite
 
     def log_event(self, kind: str, step: int, **details: Any) -> int:
@@ -196,8 +236,9 @@ class RunTracker:
         return info.model_uri
 
     def flush(self) -> None:
-        """Wait until every asynchronously logged metric is written."""
-        mlflow.flush_async_logging()
+        """Wait until every metric logged so far is written."""
+        if self._writer is not None:
+            self._writer.flush()
 
     def detach(self) -> None:
         """Flush, stop system metrics, and leave the run open (a worker hands the run back to the driver)."""

@@ -37,32 +37,43 @@ def _loops(text: bytes, stream_bytes: int, n: int, rng: np.random.Generator) -> 
     return loops
 
 
-def _blocked(gate: SafetyGate, stream: bytes, reference: np.ndarray, bits_per_byte: int, name: str) -> bool:
-    window = gate.config.window_bytes
-    blocked = False
-    for start in range(0, max(len(stream) - window + 1, 1), window):
-        piece = stream[start:start + window]
-        c, s = complexity_and_symbiosis(bytes_to_bits(piece, parity=bits_per_byte == 9), reference, bits_per_byte,
-                                        window)
-        blocked |= not gate.observe(None, c, s, stream=name).passed
-    return blocked
+def probe_telemetry(val_text: bytes, reference: np.ndarray, *, window_bytes: int = 512, parity: bool = True,
+                    n_probes: int = 32, seed: int = 0) -> dict[str, list[list[tuple[float, float]]]]:
+    """(C, S) of every window of every probe stream, per probe set: computed once, scored for any gate settings."""
+    bits_per_byte = 9 if parity else 8
+    stream_bytes = WINDOWS_PER_STREAM * window_bytes
+    rng = np.random.default_rng(seed)
+    sets = {"held-out": _streams(val_text, stream_bytes, n_probes),
+            "loop": _loops(val_text, stream_bytes, n_probes, rng),
+            "random": [rng.integers(0, 256, stream_bytes).astype(np.uint8).tobytes() for _ in range(n_probes)]}
+
+    def windows(stream: bytes) -> list[tuple[float, float]]:
+        pieces = [stream[i:i + window_bytes] for i in range(0, max(len(stream) - window_bytes + 1, 1), window_bytes)]
+        return [tuple(float(v) for v in complexity_and_symbiosis(bytes_to_bits(piece, parity=parity), reference,
+                                                                bits_per_byte, window_bytes)) for piece in pieces]
+
+    return {case: [windows(stream) for stream in streams] for case, streams in sets.items()}
+
+
+def error_rates(telemetry: dict[str, list[list[tuple[float, float]]]], safety: SafetyConfig) -> dict[str, float]:
+    """The gate's error rates on probe telemetry: a stream counts as blocked when any of its windows is."""
+    gate = SafetyGate(safety)
+
+    def blocked_fraction(case: str) -> float:
+        streams = telemetry[case]
+        blocked = [any([not gate.observe(None, c, s, stream=f"{case}-{i}").passed for c, s in windows])
+                   for i, windows in enumerate(streams)]
+        return sum(blocked) / len(streams)
+
+    return {"gate/false_block_rate": blocked_fraction("held-out"),
+            "gate/loop_miss_rate": 1.0 - blocked_fraction("loop"),
+            "gate/random_miss_rate": 1.0 - blocked_fraction("random"),
+            "gate/n_probes": float(sum(len(streams) for streams in telemetry.values()))}
 
 
 def gate_error_rates(val_text: bytes, reference: np.ndarray, safety: SafetyConfig, *, parity: bool = True,
                      n_probes: int = 32, seed: int = 0) -> dict[str, float]:
     """`gate/false_block_rate`, `gate/loop_miss_rate`, `gate/random_miss_rate` (fractions of probe streams)."""
-    bits_per_byte = 9 if parity else 8
-    stream_bytes = WINDOWS_PER_STREAM * safety.window_bytes
-    rng = np.random.default_rng(seed)
-    gate = SafetyGate(safety)
-    held_out = _streams(val_text, stream_bytes, n_probes)
-    loops = _loops(val_text, stream_bytes, n_probes, rng)
-    noise = [rng.integers(0, 256, stream_bytes).astype(np.uint8).tobytes() for _ in range(n_probes)]
-
-    def rate(streams: list[bytes], case: str) -> float:
-        return sum(_blocked(gate, s, reference, bits_per_byte, f"{case}-{i}") for i, s in enumerate(streams)) / len(streams)
-
-    return {"gate/false_block_rate": rate(held_out, "held-out"),
-            "gate/loop_miss_rate": 1.0 - rate(loops, "loop"),
-            "gate/random_miss_rate": 1.0 - rate(noise, "random"),
-            "gate/n_probes": float(len(held_out) + len(loops) + len(noise))}
+    telemetry = probe_telemetry(val_text, reference, window_bytes=safety.window_bytes, parity=parity,
+                                n_probes=n_probes, seed=seed)
+    return error_rates(telemetry, safety)

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional
 from ray.tune import Callback
 
 from .spaces import Space
+from .stopping import STOP_FILE
 
 STATUS_FILE = "tune_status"  # per trial, next to its Train run: "finished", "stopped early" or "error"
-STOP_FILE = "tune_stop"  # tune.search.STOP_FILE (not imported: search imports this module's users)
 
 
 def _short(value: Any) -> str:
@@ -98,7 +98,7 @@ class SearchProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         stop_file = self.exp_dir / "runs" / trial.trial_id / STOP_FILE
-        # the scheduler's stops are written there (tune.search._GracefulStop); no file: the budget ran out
+        # the scheduler's stops are written there (tune.stopping); no file: the budget ran out
         stopped = stop_file.exists() and stop_file.read_text().startswith("stopped early")
         status = "stopped early" if stopped else "finished"
         n_evals = last.get("training_iteration", 0)

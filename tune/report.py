@@ -138,7 +138,7 @@ def write_outcome(search, grid, total: int, parent_run_id: Optional[str], uri: s
     echo(f"{len(done)}/{total} trial(s) done ({sum(r['status'] == 'stopped early' for r in rows)} stopped early, "
          f"{sum(r['status'] == 'error' for r in rows)} failed); table {csv_path}")
     if interrupted:
-        echo(f"the search stopped before its end; continue it with --resume (same --storage/--name)")
+        echo("the search stopped before its end; continue it with --resume (same --storage/--name)")
     if best is not None:
         searched = "  ".join(f"{k}={_short(best[k])}" for k in search.space.params)
         echo(f"best: trial {best['trial_id']} objective {best['objective']:.4f} ({search.space.objective})  {searched}")

@@ -12,8 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -21,17 +19,13 @@ from typing import Any, Callable, Literal, Optional
 from bitlm.config import apply_overrides, flatten, from_dict, to_dict
 from pipelines.train import PipelineConfig
 
-from .spaces import Space, assignment_strings, space_from_dict, to_tune, trial_assignments, validate
+from .spaces import METRIC, Space, assignment_strings, space_from_dict, to_tune, trial_assignments, validate
+from .stopping import STOP_FILE, Scheduler, make_reporter, make_scheduler
 
-Scheduler = Literal["asha", "fifo"]
-METRIC = "objective"  # what Tune minimises; the space says what it stands for
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag (mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID)
 TRIAL_TAG = "bitlm.tune.trial_id"
 RUN_ID_FILE = "mlflow_run_id"  # the name train_driver reuses, so a resumed trial logs into the same child
 PARENT_ID_FILE = "mlflow_parent_run_id"
-STOP_FILE = "tune_stop"  # written by the scheduler: the trial's Train run aborts itself
-# reported to Tune and logged to MLflow: the eval metrics, never Ray's bookkeeping (pid, hostname, ...)
-_SCORES = ("val/bpb", "val/elbo_bpb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,100 +130,6 @@ def _measure_gate(cfg: PipelineConfig, n_probes: int) -> dict[str, float]:
                             parity=cfg.model.parity, n_probes=n_probes, seed=cfg.train.seed)
 
 
-def objective(space: Space, metrics: dict[str, Any], gate: dict[str, float]) -> Optional[float]:
-    """The space's objective from one evaluation (None when the evaluation lacks its score)."""
-    score = metrics.get("val/elbo_bpb" if space.objective == "val/elbo_bpb" else "val/bpb")
-    if not isinstance(score, (int, float)):
-        return None
-    if space.objective != "bpb+gate":
-        return float(score)
-    errors = gate["gate/false_block_rate"] + gate["gate/loop_miss_rate"] + gate["gate/random_miss_rate"]
-    return float(score) + space.penalty_weight * errors
-
-
-def _make_reporter(space: Space, gate: dict[str, float], stop_file: Path):
-    """A TuneReportCallback that forwards evaluations only (eval metrics, `objective`, gate rates).
-
-    It lives in the Train controller, and ends the run there when the scheduler asks for a stop
-    (stop_file): an aborted controller removes its workers' placement group, while a trial
-    killed by Tune leaves it reserved until Train's cleaner notices (not at all without the
-    dashboard's state API), and the next trial waits for the CPUs.
-    """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EvalReport(TuneReportCallback):
-        _watching = False
-
-        def after_report(self, run_context, metrics, checkpoint):
-            if not self._watching:
-                self._watching = True
-                threading.Thread(target=_abort_when_asked, args=(stop_file,), daemon=True).start()
-            first = metrics[0]
-            # checkpoint and final reports repeat the last evaluation; scaling events carry no score
-            if stop_file.exists() or "final" in first or "event" in first or not any(k in first for k in _SCORES):
-                return
-            value = objective(space, first, gate)
-            if value is None:
-                return
-            kept = {k: v for k, v in first.items()
-                    if (k.startswith(("val/", "train/")) or k in ("step", "train_seconds", "bytes_seen"))
-                    and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-            self._training_actor_item_queue.put(kept | gate | {METRIC: value})
-
-    return EvalReport()
-
-
-def _abort_when_asked(stop_file: Path, poll_s: float = 0.25) -> None:
-    """In the Train controller: abort this run (workers and placement group released) once stop_file appears."""
-    import ray
-
-    while not stop_file.exists():
-        time.sleep(poll_s)
-    ray.get_runtime_context().current_actor.abort.remote()
-
-
-class _GracefulStop:
-    """Scheduler mixin: a stop (early, or at max_t) becomes a stop file the trial's controller acts on.
-
-    The trial then ends by itself (see _make_reporter) and Tune sees it finish; Tune's own stop
-    would kill the trial actor and strand its Train workers' resources.
-    """
-
-    def _graceful(self, trial, result, action: str) -> str:
-        stop_file = self._runs_dir / trial.trial_id / STOP_FILE
-        if stop_file.exists():
-            return "CONTINUE"
-        iteration = int(result.get("training_iteration", 0))
-        if action == "STOP" or iteration >= self._max_evals:
-            stop_file.parent.mkdir(parents=True, exist_ok=True)
-            status = "finished" if iteration >= self._max_evals else "stopped early"
-            stop_file.write_text(f"{status} at eval {iteration}\n")
-        return "CONTINUE"
-
-
-def _scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction_factor: int, max_t: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    class GracefulASHA(_GracefulStop, ASHAScheduler):
-        def __init__(self):
-            ASHAScheduler.__init__(self, time_attr="training_iteration", grace_period=grace_period,
-                                   reduction_factor=reduction_factor, max_t=max_t)
-            self._runs_dir, self._max_evals = runs_dir, max_t
-
-        def on_trial_result(self, tune_controller, trial, result):
-            return self._graceful(trial, result, ASHAScheduler.on_trial_result(self, tune_controller, trial, result))
-
-    class GracefulFIFO(_GracefulStop, FIFOScheduler):
-        def __init__(self):
-            FIFOScheduler.__init__(self)
-            self._runs_dir, self._max_evals = runs_dir, max_t
-
-        def on_trial_result(self, tune_controller, trial, result):
-            return self._graceful(trial, result, "CONTINUE")
-
-    return GracefulASHA() if kind == "asha" else GracefulFIFO()
-
-
 def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], trial_id: str, parent_run_id: str,
                uri: str) -> str:
     """The trial's MLflow child run: created once with the full flattened config, reused when the trial resumes."""
@@ -272,7 +172,7 @@ def run_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             tracker.flush()
     stop_file = Path(cfg.run.storage_path) / trial_id / STOP_FILE
     try:
-        train_driver(cfg, callbacks=(_make_reporter(space, gate, stop_file),), mlflow_run_id=run_id)
+        train_driver(cfg, callbacks=(make_reporter(space, gate, stop_file),), mlflow_run_id=run_id)
     except Exception:
         if not stop_file.exists():
             raise
@@ -381,7 +281,7 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
         # when pickled, so a restored session runs to the end)
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True)
     else:
-        scheduler = _scheduler(search.scheduler, exp_dir / "runs", search.grace_period, search.reduction_factor,
+        scheduler = make_scheduler(search.scheduler, exp_dir / "runs", search.grace_period, search.reduction_factor,
                                search.max_t)
         tuner = tune.Tuner(
             trainable, param_space=to_tune(search.space, search.search, search.grid_points),
@@ -420,10 +320,13 @@ def run_search_cli(search: SearchConfig, *, resume: bool = False, address: Optio
         raise click.BadParameter(str(err), param_hint="--data") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
+        from pipelines.train import ray_address
+
+        # "local" unless asked: a plain ray.init() would join any Ray already running on this machine
+        address = ray_address(address)
         # trials' console lines would interleave with the progress view; --verbose shows them
         ray.init(address=address, log_to_driver=is_verbose(),
-                 **({} if address else {"dashboard_host": "127.0.0.1"}))
+                 **({"dashboard_host": "127.0.0.1"} if address == "local" else {}))
     try:
         return run_search(search, resume=resume, echo=echo)
     except ValueError as err:

@@ -322,3 +322,17 @@ def describe(space: Space) -> str:
         shown = list(spec) if kind == "bundle" else spec
         lines.append(f"  {key}: {kind} {json.dumps(shown)}")
     return "\n".join(lines)
+
+
+METRIC = "objective"  # what Tune minimises; the space says what it stands for
+
+
+def objective(space: Space, metrics: dict[str, Any], gate: dict[str, float]) -> Optional[float]:
+    """The space's objective from one evaluation (None when the evaluation lacks its score)."""
+    score = metrics.get("val/elbo_bpb" if space.objective == "val/elbo_bpb" else "val/bpb")
+    if not isinstance(score, (int, float)):
+        return None
+    if space.objective != "bpb+gate":
+        return float(score)
+    errors = gate["gate/false_block_rate"] + gate["gate/loop_miss_rate"] + gate["gate/random_miss_rate"]
+    return float(score) + space.penalty_weight * errors

@@ -45,6 +45,10 @@ def config_from_file(cls: type, path: str):
         raise ValueError(f"{path}: not a readable JSON config ({err})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with sections model/train/..., got {type(data).__name__}")
+    if "run" in data and "run" not in {f.name for f in dataclasses.fields(cls)}:
+        # a Ray run's file (a search's best_config.json, pipelines/configs/*.json) trains locally too:
+        # its `run` section says where and how Ray runs it, which --local and --data replace
+        data = {k: v for k, v in data.items() if k != "run"}
     try:
         return from_dict(cls, data)
     except ValueError as err:

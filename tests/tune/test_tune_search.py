@@ -127,10 +127,13 @@ def test_the_best_config_loads_into_pipeline_config_and_trains(diffusion_search,
     outcome, _ = diffusion_search
     cfg = from_dict(PipelineConfig, json.loads(outcome.best_config_path.read_text()))
     assert cfg.model.causal is False and cfg.train.lr == 3e-3
-    result = CliRunner().invoke(cli, ["train", "--config", str(outcome.best_config_path), "--data", str(corpus_dir),
-                                      "--out", str(tmp_path / "best"), "--steps", "8"])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "best" / "model" / "model.safetensors").is_file()
+    for mode in (["--local"], []):  # in this process, and on the session Ray as the search's trials ran
+        out = tmp_path / f"best{len(mode)}"
+        result = CliRunner().invoke(cli, ["train", *mode, "--config", str(outcome.best_config_path), "--data",
+                                          str(corpus_dir), "--out", str(out), "--steps", "8"])
+        assert result.exit_code == 0, result.output
+        assert (out / "model" / "model.safetensors").is_file()
+        assert from_dict(ModelConfig, json.loads((out / "model" / "config.json").read_text())["model"]) == cfg.model
 
 
 def test_a_telemetry_search_reports_the_gate_rates_and_stops_one_trial_early(ray_local, corpus_dir, tracking,

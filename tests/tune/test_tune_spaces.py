@@ -11,9 +11,10 @@ from bitlm.config import ModelConfig
 from bitlm.data import bit_marginals
 from bitlm.safety import SafetyConfig
 from pipelines.train import PipelineConfig, RayRunConfig
-from tune.probes import gate_error_rates
-from tune.search import SearchConfig, concurrency, expected_trials, objective, placeable_trials, trial_config, trial_demand
-from tune.spaces import NAMED, grid_values, load_space, space_from_dict, to_tune, trial_assignments, validate
+from tune.probes import error_rates, gate_error_rates, probe_telemetry
+from tune.search import SearchConfig, concurrency, expected_trials, placeable_trials, trial_config, trial_demand
+from tune.spaces import (NAMED, grid_values, load_space, objective, space_from_dict, to_tune, trial_assignments,
+                         validate)
 
 BASE = PipelineConfig(model=ModelConfig.from_name("tiny", kind="patched"))
 
@@ -129,3 +130,19 @@ def test_a_burn_in_longer_than_a_probe_stream_misses_everything(probe_text):
 def test_floors_above_real_text_block_it(probe_text):
     text, reference = probe_text
     assert gate_error_rates(text, reference, SafetyConfig(c_floor=1.0), n_probes=4)["gate/false_block_rate"] == 1.0
+
+
+def test_probe_telemetry_scored_per_setting_equals_measuring_each_setting(probe_text):
+    text, reference = probe_text
+    telemetry = probe_telemetry(text, reference, n_probes=4, seed=3)
+    for safety in (SafetyConfig(), SafetyConfig(c_floor=0.9, s_floor=0.9), SafetyConfig(decay=0.6, burn_in=2),
+                   SafetyConfig(c_floor=1.0)):
+        assert error_rates(telemetry, safety) == gate_error_rates(text, reference, safety, n_probes=4, seed=3)
+
+
+def test_raising_a_floor_never_lowers_the_false_block_rate(probe_text):
+    text, reference = probe_text
+    telemetry = probe_telemetry(text, reference, n_probes=4)
+    rates = [error_rates(telemetry, SafetyConfig(c_floor=f, s_floor=0.0))["gate/false_block_rate"]
+             for f in (0.0, 0.5, 0.8, 0.95, 1.0)]
+    assert rates == sorted(rates) and rates[0] == 0.0 and rates[-1] == 1.0
