@@ -14,6 +14,8 @@ Everything else (embeddings, norms, biases, layers the int4 kernel cannot take) 
 from __future__ import annotations
 
 import copy
+import logging
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -44,10 +46,20 @@ def int8_backend() -> str:
 
 
 def _require_torchao(what: str) -> None:
+    """Import torchao once, without the lines it logs on a CPU-only machine (its CUDA extensions fail to load)."""
+    if "torchao" in sys.modules:
+        return
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         import torchao  # noqa: F401
     except ImportError:
         raise RuntimeError(f"{what} needs torchao (pip install 'bitlm[quant]', torchao==0.18.0)") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class Int8Linear(nn.Module):
@@ -144,6 +156,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.device.type != "cpu":
             raise RuntimeError("the 4-bit weights are packed for torch's CPU int4 kernel; load with device='cpu'")
+        _require_torchao("4-bit inference")
         from torchao.quantization.linear_quant_modules import linear_forward_int4
 
         return linear_forward_int4(x, self.weight, self.scales_and_zeros, self.out_features, self.group_size) \
