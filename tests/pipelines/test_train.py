@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from bitlm import checkpoint as ckpt
 from bitlm.config import ModelConfig, ScalingConfig, TrainConfig, from_dict
-from bitlm.data import Corpus, prepare_corpus
+from bitlm.data import Corpus
 from bitlm.engine import evaluate, fit
 from bitlm.model import BitTransformerLM
 from bitlm.rundir import run_safety_config
@@ -21,30 +21,10 @@ from pipelines.train import PipelineConfig, RayRunConfig, load_config, train_dri
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
-TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
 MODEL = ModelConfig.from_name("tiny", kind="patched", n_layers=2, max_seq_len=64)
 TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=16, warmup_steps=2, log_every=4, eval_every=8,
                     eval_batches=2, checkpoint_every=8, lr=3e-3, precision="fp32")
 CURVE_TOLERANCE = 2e-3  # val bpb of a 2-worker run vs one worker on the same global batch (float reduction order)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    text = SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    source = out.parent / "source.txt"
-    source.write_bytes(text)
-    prepare_corpus([source], out, window_bytes=256, val_fraction=0.1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield MlflowClient(tracking_uri=uri)
 
 
 def config(corpus_dir, tmp_path, name, **run) -> PipelineConfig:
