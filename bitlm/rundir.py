@@ -100,3 +100,28 @@ def _read_marker(out: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return {k: v for k, v in state.items() if k in ("corpus", "data")} if isinstance(state, dict) else {}
+
+
+def run_safety_config(model_dir: str | Path):
+    """The `safety` section of the run that holds a model directory, as a SafetyConfig, and the file it came from.
+
+    `bitlm train` (--local and on Ray) writes <run>/config.json beside <run>/model, and a Ray
+    Train checkpoint sits one level further down (<run>/step-N); a model with no such run
+    config (a download, a bare save_pretrained directory) gets SafetyConfig's defaults and None.
+    ValueError, naming the file, when the section is there but invalid.
+    """
+    from .config import SafetyConfig, from_dict
+
+    model_dir = Path(model_dir)
+    for candidate in (model_dir.parent / "config.json", model_dir.parent.parent / "config.json"):
+        try:
+            section = json.loads(candidate.read_text()).get("safety")
+        except (OSError, ValueError, AttributeError):  # no run config here, unreadable, or not an object
+            continue
+        if isinstance(section, dict):
+            try:
+                return from_dict(SafetyConfig, section), candidate
+            except ValueError as err:
+                raise ValueError(f"{candidate}: {err}") from None
+    return SafetyConfig(), None
+

@@ -26,7 +26,7 @@ from typing import Any, Literal, Optional
 
 import click
 
-from bitlm.config import ExperimentConfig, _check, _check_choice, apply_overrides, flatten, from_dict, to_dict
+from bitlm.config import ExperimentConfig, _check, _check_choice, apply_overrides, flatten, from_dict, to_dict, to_json
 from bitlm.evaluation import format_telemetry
 
 Strategy = Literal["ddp", "fsdp", "pipeline"]
@@ -259,6 +259,9 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=data))
     run_dir = run_directory(cfg)
     _check_data(cfg, run_dir)
+    # the whole experiment beside <run>/model, as --local writes it: `bitlm generate --safe` and
+    # `bitlm serve` read their gate settings from its safety section
+    (run_dir / "config.json").write_text(to_json(cfg))
     # MLFLOW_TRACKING_URI, else the MLflow server of a running `bitlm cluster up --local`, else sqlite in cwd
     uri = os.environ.get("MLFLOW_TRACKING_URI") or _recorded("mlflow") or tracking_uri()
     run_id = mlflow_run_id if mlflow_run_id and cfg.run.tracking else _mlflow_run_id(cfg, run_dir, uri)

@@ -25,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve import Application
 
+from bitlm.rundir import run_safety_config
+
 from .audit import AuditLog
 from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
 from .guard import RESERVED_SLOTS, UNAUTHORIZED, RequestGuard, token_digest, token_matches
@@ -212,10 +214,18 @@ class BitLMServer:
                    s_floor=a.s_floor if body.s_floor is None else body.s_floor, max_retries=body.max_retries)
 
 
+def with_run_floors(a: AppArgs, model_dir: Path) -> AppArgs:
+    """`a` with the gate floors it leaves open taken from the served run's safety section (else the defaults)."""
+    safety, _ = run_safety_config(model_dir)
+    return a.model_copy(update={"c_floor": safety.c_floor if a.c_floor is None else a.c_floor,
+                                "s_floor": safety.s_floor if a.s_floor is None else a.s_floor})
+
+
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
     """The Serve application for `args.model` (validated, resolved and checked here, in the caller's process)."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     model_dir = resolve_source(a.model, a.allowed_roots or None)
+    a = with_run_floors(a, model_dir)
     audit_log = AuditLog(Path(a.audit_log).expanduser().resolve()).path  # fails here, not at the first request
     token = a.token()
     # deployment init args are stored in Ray's config store and shown by the dashboard: send a digest

@@ -111,8 +111,10 @@ class AppArgs(BaseModel):
                                                  "(default: BITLM_SERVE_ROOTS, else the working directory).")
     api_token: Optional[str] = Field(None, description="Bearer token for /v1 (default: BITLM_API_TOKEN).")
     audit_log: str = Field("serve_audit.jsonl", description="JSON-lines file, one line per gate verdict.")
-    c_floor: float = Field(SafetyConfig().c_floor, ge=0, le=1, description="Default of the gate (safety.c_floor).")
-    s_floor: float = Field(SafetyConfig().s_floor, ge=0, le=1, description="Default of the gate (safety.s_floor).")
+    c_floor: Optional[float] = Field(None, ge=0, le=1, description="Default of the gate; null: the served run's "
+                                     f"safety.c_floor, else {SafetyConfig().c_floor}.")
+    s_floor: Optional[float] = Field(None, ge=0, le=1, description="Default of the gate; null: the served run's "
+                                     f"safety.s_floor, else {SafetyConfig().s_floor}.")
     max_prompt_bytes: int = Field(4096, ge=1)
     max_new_bytes: int = Field(512, ge=1)
     max_score_bytes: int = Field(65536, ge=2)
@@ -130,8 +132,8 @@ class AppArgs(BaseModel):
 
     @field_validator("batch_wait_timeout_s", "body_timeout_s", "num_cpus", "c_floor", "s_floor")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be finite")
         return value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -27,7 +28,7 @@ def default_roots() -> list[Path]:
 
 
 def download_root() -> Path:
-    """Where MLflow models are downloaded to (always an allowed root)."""
+    """Where MLflow models are downloaded to, one folder per distinct model (always an allowed root)."""
     return Path(os.environ.get("BITLM_SERVE_CACHE") or Path(tempfile.gettempdir()) / "bitlm-serve-models")
 
 
@@ -112,7 +113,36 @@ def _download(uri: str) -> tuple[Path, Path]:
     except BaseException:
         shutil.rmtree(target, ignore_errors=True)
         raise
-    return target, found[0]
+    return _keep_once(target, found[0])
+
+
+def _keep_once(download: Path, model_dir: Path) -> tuple[Path, Path]:
+    """Store a download under the hash of its model's files, so restarts do not pile up copies of one model.
+
+    A `models:/name@alias` URI may point at another version tomorrow, so the key is the content
+    (config.json and the weights), not the URI. A model already kept replaces the fresh download;
+    the rename is atomic, so a concurrent server starting the same model keeps one of the two.
+    """
+    digest = hashlib.sha256()
+    for name in ("config.json", WEIGHTS):
+        part = hashlib.sha256()
+        with (model_dir / name).open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                part.update(chunk)
+        digest.update(part.digest())
+    kept = download.parent / f"sha256-{digest.hexdigest()[:32]}"
+    inside = model_dir.relative_to(download)
+    if not (kept / inside / WEIGHTS).is_file():
+        try:
+            os.rename(download, kept)
+            return kept, kept / inside
+        except OSError:  # kept meanwhile by another process (or a stale, incomplete entry: replace it)
+            if not (kept / inside / WEIGHTS).is_file():
+                shutil.rmtree(kept, ignore_errors=True)
+                os.rename(download, kept)
+                return kept, kept / inside
+    shutil.rmtree(download, ignore_errors=True)
+    return kept, kept / inside
 
 
 def hub_download(source: str) -> Path:

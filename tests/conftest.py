@@ -12,6 +12,9 @@ import pytest
 from serve.local import free_port, wait_for  # noqa: F401 - test modules import them from here too
 
 BIN = Path(sys.executable).parent
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
+# the stand-in when ../shared is absent
+TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +58,28 @@ def ray_head(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A small prepared corpus for Ray runs (60 kB of tinyshakespeare, 256-byte windows); modules may define their own."""
+    from bitlm.data import prepare_corpus
+
+    text = SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    source = out.parent / "source.txt"
+    source.write_bytes(text)
+    prepare_corpus([source], out, window_bytes=256, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """An MLflow client on a fresh SQLite store that MLFLOW_TRACKING_URI names for the module's runs."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield MlflowClient(tracking_uri=uri)
+

@@ -71,29 +71,15 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
 
 
 def _gate_config(model_dir, **given):
-    """The `safety` section of the run that holds the model (its config.json), the given options on top.
-
-    A model trained by `bitlm train` sits in <run>/model beside <run>/config.json; a model without
-    such a run directory gets SafetyConfig's defaults.
-    """
+    """The `safety` section of the run that holds the model (bitlm.rundir.run_safety_config), the given options on top."""
     import dataclasses
-    import json
-    from pathlib import Path
 
-    from ..config import SafetyConfig, from_dict
+    from ..rundir import run_safety_config
 
-    base = SafetyConfig()
-    for candidate in (Path(model_dir).parent / "config.json", Path(model_dir).parent.parent / "config.json"):
-        try:
-            section = json.loads(candidate.read_text()).get("safety")
-        except (OSError, ValueError, AttributeError):  # no run config here, unreadable, or not an object
-            continue
-        if isinstance(section, dict):
-            try:
-                base = from_dict(SafetyConfig, section)
-            except ValueError as err:
-                raise click.BadParameter(f"{candidate}: {err}") from None
-            break
+    try:
+        base, _ = run_safety_config(model_dir)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 

@@ -24,12 +24,17 @@ import click
               help="Generation requests decoded together (@serve.batch).")
 @click.option("--allowed-root", "allowed_roots", multiple=True, type=click.Path(file_okay=False),
               help="Directory a local --model may resolve into; repeatable [default: BITLM_SERVE_ROOTS, else cwd].")
+@click.option("--c-floor", type=click.FloatRange(0, 1), default=None,
+              help="The gate's C floor for requests that give none [the served run's safety.c_floor, else 0.3].")
+@click.option("--s-floor", type=click.FloatRange(0, 1), default=None,
+              help="The gate's S floor for requests that give none [the served run's safety.s_floor, else 0.5].")
 @click.option("--audit-log", default="serve_audit.jsonl", show_default=True, help="One JSON line per gate verdict.")
 @click.option("--address", default=None,
               help="Deploy to a running Ray cluster (e.g. auto or ray://host:10001) and return "
                    "[RAY_ADDRESS, else the cluster of `bitlm cluster up --local`]; "
                    "with none, start a local Ray and serve until Ctrl-C.")
-def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowed_roots, audit_log, address):
+def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowed_roots, c_floor, s_floor, audit_log,
+                  address):
     """Serve --model at http://HOST:PORT (/v1/generate, /v1/score, /v1/model, /healthz, /docs).
 
     Set BITLM_API_TOKEN to require `Authorization: Bearer <token>` on /v1. Limits and floors
@@ -49,7 +54,7 @@ def serve_command(source, host, port, replicas, num_cpus, max_batch_size, allowe
             raise click.BadParameter(f"{replicas} replica(s) x {num_cpus:g} CPUs exceed the {n_cpus} CPUs of this "
                                      "machine; lower --num-cpus or --replicas", param_hint="--num-cpus")
     args = {"model": source, "num_replicas": replicas, "num_cpus": num_cpus, "max_batch_size": max_batch_size,
-            "allowed_roots": list(allowed_roots), "audit_log": audit_log}
+            "allowed_roots": list(allowed_roots), "audit_log": audit_log, "c_floor": c_floor, "s_floor": s_floor}
     try:
         app = build_app(args)  # resolves and validates the model, opens the audit log
     except AuditLogError as err:

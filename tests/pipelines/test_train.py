@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -11,38 +12,19 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bitlm import checkpoint as ckpt
-from bitlm.config import ModelConfig, ScalingConfig, TrainConfig
-from bitlm.data import Corpus, prepare_corpus
+from bitlm.config import ModelConfig, ScalingConfig, TrainConfig, from_dict
+from bitlm.data import Corpus
 from bitlm.engine import evaluate, fit
 from bitlm.model import BitTransformerLM
+from bitlm.rundir import run_safety_config
 from pipelines.train import PipelineConfig, RayRunConfig, load_config, train_driver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
-TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
 MODEL = ModelConfig.from_name("tiny", kind="patched", n_layers=2, max_seq_len=64)
 TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=16, warmup_steps=2, log_every=4, eval_every=8,
                     eval_batches=2, checkpoint_every=8, lr=3e-3, precision="fp32")
 CURVE_TOLERANCE = 2e-3  # val bpb of a 2-worker run vs one worker on the same global batch (float reduction order)
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    text = SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    source = out.parent / "source.txt"
-    source.write_bytes(text)
-    prepare_corpus([source], out, window_bytes=256, val_fraction=0.1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield MlflowClient(tracking_uri=uri)
 
 
 def config(corpus_dir, tmp_path, name, **run) -> PipelineConfig:
@@ -203,11 +185,17 @@ def test_bitlm_train_runs_the_ray_driver_and_exports_the_model(ray_local, corpus
     result = CliRunner().invoke(main, [
         "train", "--data", str(corpus_dir), "--out", str(out), "--preset", "tiny", "--workers", "1",
         "--steps", "6", "--set", "train.context_bytes=32", "--set", "train.batch_size=4",
-        "--set", "train.eval_every=6", "--set", "train.eval_batches=2", "--set", "run.experiment=tests"])
+        "--set", "train.eval_every=6", "--set", "train.eval_batches=2", "--set", "run.experiment=tests",
+        "--set", "safety.c_floor=0.25"])
     assert result.exit_code == 0, result.output
     assert "val bpb" in result.output
     assert ckpt.from_pretrained(out / "model").config.arch == "patched"
     assert run_metrics(tracking, "cli-run").data.params["run.num_workers"] == "1"
+    # the whole experiment beside the model, as --local writes it: generate --safe and serve read its gate
+    written = from_dict(PipelineConfig, json.loads((out / "config.json").read_text()))
+    assert written.run.num_workers == 1 and written.train.max_steps == 6
+    assert run_safety_config(out / "model") == (written.safety, out / "config.json")
+    assert written.safety.c_floor == 0.25
 
 
 def test_a_new_driver_with_the_same_name_and_storage_continues_the_run(ray_local, corpus_dir, tracking, tmp_path):

@@ -319,10 +319,13 @@ def test_source_downloads_a_registered_mlflow_model_by_alias(model_dirs, tmp_pat
         with RunTracker.start("serve-tests", "run", {}, system_metrics=False) as tracker:
             tracker.log_model(model_dirs[0], registered_name="bitlm-serve", alias="live")
         local = resolve_source("models:/bitlm-serve@live", [tmp_path / "elsewhere"])
+        again = resolve_source("models:/bitlm-serve@live", [tmp_path / "elsewhere"])  # a server restart
     finally:
         mlflow.set_tracking_uri(None)
     assert local.is_relative_to((tmp_path / "cache").resolve())
     assert (local / "model.safetensors").read_bytes() == (model_dirs[0] / "model.safetensors").read_bytes()
+    # one copy per model, not one per start
+    assert again == local and len(list((tmp_path / "cache").iterdir())) == 1
 
 
 def test_build_app_refuses_a_source_outside_the_roots(tmp_path):

@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 
 from bitlm.cli import main as cli
 from bitlm.config import ModelConfig, TrainConfig, from_dict
-from bitlm.data import prepare_corpus
 from pipelines.train import PipelineConfig, RayRunConfig
 from tune import search as tune_search
 from tune.search import SearchConfig, run_search
@@ -24,29 +23,9 @@ from tune.spaces import NAMED
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
-TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
 WORSE_LR = {"train.lr": {"grid": [3e-3, 1e-6]}}
 RAY_BOOKKEEPING = {"pid", "hostname", "node_ip", "time_this_iter_s", "time_total_s", "timestamp",
                    "training_iteration", "iterations_since_restore", "time_since_restore", "done"}
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    text = SHAKESPEARE.read_bytes()[:60_000] if SHAKESPEARE.is_file() else TEXT
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    source = out.parent / "source.txt"
-    source.write_bytes(text)
-    prepare_corpus([source], out, window_bytes=256, val_fraction=0.1)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        yield MlflowClient(tracking_uri=uri)
 
 
 def base_config(corpus_dir: Path, storage: Path) -> PipelineConfig:
