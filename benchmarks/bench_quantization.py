@@ -47,6 +47,30 @@ def bytes_per_second(models: dict, prompt: bytes, batch: int, new_bytes: int, re
     return {fmt: batch * new_bytes / seconds for fmt, seconds in best.items()}
 
 
+def layers_only(args) -> None:
+    from bitlm.quantization import Int4Linear, Int8Linear
+
+    for d in (128, 512, 1024):
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(d, 4 * d)
+        layers = {"fp32": linear, "int8": Int8Linear.from_linear(linear), "int4": Int4Linear.from_linear(linear)}
+        x = torch.randn(1, d)
+        best = dict.fromkeys(layers, float("inf"))
+        with torch.no_grad():
+            for layer in layers.values():
+                layer(x)
+            for _ in range(args.repeats):
+                for fmt, layer in layers.items():
+                    start = time.perf_counter()
+                    for _ in range(200):
+                        layer(x)
+                    best[fmt] = min(best[fmt], (time.perf_counter() - start) / 200)
+        for fmt, seconds in best.items():
+            emit({"bench": "quantization_layer", "in_features": d, "out_features": 4 * d, "rows": 1, "format": fmt,
+                  "us_per_call": seconds * 1e6, "speedup": best["fp32"] / seconds,
+                  "note": "2-core machine shared with 3 engineers"}, args.out)
+
+
 def speed_only(args, prompt: bytes) -> None:
     from bitlm.config import ModelConfig
     from bitlm.model import BitTransformerLM
@@ -77,8 +101,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--speed-only", action="store_true",
                         help="Untrained --preset models, quantized in memory: generation bytes/s only.")
+    parser.add_argument("--layers-only", action="store_true",
+                        help="One linear layer per shape (d -> 4d, one row): microseconds per call per format.")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.layers_only:
+        return layers_only(args)
     text = load_shakespeare()
     if args.speed_only:
         return speed_only(args, text[int(len(text) * 0.9):][:64])
