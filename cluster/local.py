@@ -78,6 +78,9 @@ def ray_env(auth_mode: str, mlflow_uri: str, gcs_port: int) -> dict[str, str]:
     # a job's `python` is this environment's, with the project's ray, torch and bitlm
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # a spot-instance feature; noise on a laptop
+    # on SIGTERM the head drains for up to 30 s by default (seen to run out after a training job);
+    # nothing here migrates to another node, so `down` does not wait that long
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "5")
     return env
 
 
@@ -93,23 +96,19 @@ def start(*, num_cpus: int, num_gpus: int = 0, timeout_s: float = 180,
             echo("clearing a stale local cluster record (its head is gone)")
             stop(existing)
             state.remove()
-        gcs_port, dashboard_port, mlflow_port = free_port(), free_port(), free_port()
+        gcs_port, dashboard_port = free_port(), free_port()
         temp_dir = Path("/tmp") / f"bitlm-{os.getuid()}-{gcs_port}"
         if len(str(temp_dir)) + _RAY_SOCKET_SUFFIX > SOCKET_PATH_MAX:
             raise ClusterError(f"Ray's temp dir {temp_dir} is too long for its socket paths")
         logs = home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        mlflow_dir = home / "mlflow"
-        (mlflow_dir / "artifacts").mkdir(parents=True, exist_ok=True)
-        mlflow_uri = f"http://127.0.0.1:{mlflow_port}"
-        cluster = LocalCluster(ray_address="", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-                               mlflow_uri=mlflow_uri, temp_dir=str(temp_dir), home=str(home), num_cpus=num_cpus)
+        cluster = LocalCluster(ray_address="", dashboard_url=f"http://127.0.0.1:{dashboard_port}", mlflow_uri="",
+                               temp_dir=str(temp_dir), home=str(home), num_cpus=num_cpus)
+        deadline = time.monotonic() + timeout_s
         try:
-            mlflow = _spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                             "--artifacts-destination", str(mlflow_dir / "artifacts")],
-                            dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), logs / "mlflow.log")
-            cluster.processes.append(Process.of("mlflow server", mlflow.pid, group_leader=True))
+            echo(f"starting MLflow and Ray (dashboard {cluster.dashboard_url}) ...")
+            # MLflow first and bound before Ray starts: Ray takes random free ports as it comes up
+            _start_mlflow(cluster, home / "mlflow", logs / "mlflow.log", deadline)
             head = _spawn([ray_executable(), "start", "--head", "--block", f"--port={gcs_port}",
                            "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
                            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
@@ -117,11 +116,8 @@ def start(*, num_cpus: int, num_gpus: int = 0, timeout_s: float = 180,
                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                            f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                            f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                          ray_env(cluster.auth_mode, mlflow_uri, gcs_port), logs / "ray-head.log")
+                          ray_env(cluster.auth_mode, cluster.mlflow_uri, gcs_port), logs / "ray-head.log")
             cluster.processes.append(Process.of("ray start --head", head.pid, group_leader=True))
-            echo(f"starting Ray (dashboard {cluster.dashboard_url}) and MLflow ({mlflow_uri}) ...")
-            deadline = time.monotonic() + timeout_s
-            _wait_http(f"{mlflow_uri}/health", mlflow, logs / "mlflow.log", deadline)
             cluster.ray_address = _wait_ray_address(temp_dir, head, logs / "ray-head.log", deadline)
             _wait_job_api(cluster, head, logs / "ray-head.log", deadline)
         except BaseException:
@@ -131,6 +127,29 @@ def start(*, num_cpus: int, num_gpus: int = 0, timeout_s: float = 180,
             cluster.processes += [Process.of(_name(pid), pid) for pid in group_members(leader.pid) if pid != leader.pid]
         state.write(cluster)
         return cluster
+
+
+def _start_mlflow(cluster: LocalCluster, directory: Path, log: Path, deadline: float, attempts: int = 3) -> None:
+    """`mlflow server --workers 1` on a free port (another if that one is taken meanwhile); waits for /health."""
+    (directory / "artifacts").mkdir(parents=True, exist_ok=True)
+    for attempt in range(attempts):
+        port, offset = free_port(), log.stat().st_size if log.exists() else 0
+        process = _spawn([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                          "--workers", "1", "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
+                          "--artifacts-destination", str(directory / "artifacts")],
+                         dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), log)
+        cluster.processes.append(Process.of("mlflow server", process.pid, group_leader=True))
+        cluster.mlflow_uri = f"http://127.0.0.1:{port}"
+        try:
+            _wait_http(f"{cluster.mlflow_uri}/health", process, log, deadline)
+            return
+        except ClusterError:
+            with open(log, "rb") as text:
+                text.seek(offset)
+                taken = b"address already in use" in text.read()
+            if not taken or attempt == attempts - 1:
+                raise
+            cluster.processes.pop()  # it exited: nothing of it is left to stop
 
 
 def _spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

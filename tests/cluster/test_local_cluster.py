@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -63,8 +64,11 @@ def test_up_submit_track_train_and_down(tmp_path):
         env.pop(key, None)
 
     def bitlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "bitlm"), *args], env=env, cwd=REPO, capture_output=True, text=True,
+        started = time.monotonic()
+        done = subprocess.run([str(BIN / "bitlm"), *args], env=env, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout)
+        print(f"bitlm {' '.join(args[:2])}: {time.monotonic() - started:.1f} s")  # shown with -s / on failure
+        return done
 
     up = bitlm("cluster", "up", "--local", "--num-cpus", "2")
     assert up.returncode == 0, up.stdout + up.stderr

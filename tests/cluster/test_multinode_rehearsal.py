@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +27,15 @@ def rehearsal(tmp_path_factory) -> dict:
     (work / "text.txt").write_bytes(TEXT)
     prepare_corpus([work / "text.txt"], work / "data", window_bytes=256, val_fraction=0.1, progress=False)
     # its own short Ray temp dir (socket paths must fit in 107 bytes; /tmp/ray stays untouched)
-    env = dict(os.environ, RAY_TMPDIR=f"/tmp/bitlm-r{os.getpid()}", RAY_USAGE_STATS_ENABLED="0",
+    ray_tmp = Path(f"/tmp/bitlm-r{os.getpid()}")
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0",
                RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster" / "rehearsal.py"), str(work)], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    try:
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "cluster" / "rehearsal.py"), str(work)], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=400)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("REHEARSAL ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads(lines[-1].removeprefix("REHEARSAL "))
