@@ -43,8 +43,10 @@ def spawned():
 
     yield spawn
     for process in started:
-        if process.poll() is None:
-            process.kill()
+        try:  # a leader's child sleep too
+            os.killpg(process.pid, signal.SIGKILL) if process.pid == os.getpgid(process.pid) else process.kill()
+        except ProcessLookupError:
+            pass
         process.wait()
 
 
