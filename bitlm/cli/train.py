@@ -156,7 +156,8 @@ def _score_text(metrics) -> str:
 @click.option("--scaling", is_flag=True, help="Grow the model (depth, width, context) when val loss plateaus.")
 @click.option("--qat", is_flag=True, help="4-bit quantization-aware training (train.qat; needs torchao, "
               "`pip install 'bitlm[quant]'`); convert afterwards with `bitlm quantize --int4`.")
-@click.option("--address", default=None, help="Ray: cluster address (default: RAY_ADDRESS, else a new local Ray).")
+@click.option("--address", default=None, help="Ray: cluster address (default: RAY_ADDRESS, else the `bitlm cluster up --local` head, "
+                   "else a new local Ray).")
 @click.option("--verify-data/--no-verify-data", default=True, show_default=True,
               help="Check every shard's sha256 against the corpus manifest before training "
                    "(Ray: run.verify_data); skip it for corpora too large to hash at every start.")
