@@ -76,10 +76,12 @@ def up_command(local, config, num_cpus, num_gpus, timeout_s):
     $BITLM_CLUSTER_HOME, default ~/.bitlm/cluster), each in its own process group, and records
     their addresses and PIDs in local.json there. A second `up --local` while one runs is refused.
 
-    --config runs `ray up -y CONFIG` after checking, before anything is contacted, that the file
-    exists, names a supported provider, that the files it references exist, and that the cloud
-    SDK and credentials are present. MLFLOW_BACKEND_STORE_URI and MLFLOW_ARTIFACTS_DESTINATION from
-    this environment reach the head's MLflow server (a rendered copy of the config is what runs).
+    --config runs `ray up -y` after checking, before anything is contacted, that the file exists,
+    names a supported provider (aws, gcp), that the files it references exist, that no CHANGE-ME
+    is left, and that the cloud SDK and credentials are present. What runs is a rendered copy in
+    $BITLM_CLUSTER_HOME/rendered/: BITLM_IMAGE replaces the image, and MLFLOW_BACKEND_STORE_URI,
+    MLFLOW_ARTIFACTS_DESTINATION and the cluster's Ray auth token (made once, <cluster_name>.token
+    there) reach every node.
     """
     _need_one(local, config)
     if config is not None:
