@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,11 @@ import pytest
 from serve.local import free_port, wait_for  # noqa: F401 - test modules import them from here too
 
 BIN = Path(sys.executable).parent
+
+# A developer's running `bitlm cluster up --local` is recorded under ~/.bitlm/cluster, and every
+# command without an address joins it: the suite (and the processes it starts) must never see it.
+os.environ["BITLM_CLUSTER_HOME"] = tempfile.mkdtemp(prefix="bitlm-tests-cluster-")
+
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare.txt"
 # the stand-in when ../shared is absent
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
