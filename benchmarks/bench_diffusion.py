@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bitlm.checkpoint import save_pretrained
-from bitlm.config import DiffusionConfig, TrainConfig
+from bitlm.config import DiffusionConfig, ExperimentConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.diffusion import SCHEDULES, diffusion_sample, evaluate_elbo
 from bitlm.engine import fit
@@ -58,7 +58,8 @@ def main() -> None:
                         log_every=100, seed=0)
     torch.manual_seed(0)
     model = BitTransformerLM(cfg)
-    result = fit(model, corpus, train, diffusion=DiffusionConfig(noise_schedule=args.noise_schedule))
+    result = fit(model, corpus, ExperimentConfig(model=cfg, train=train,
+                                                diffusion=DiffusionConfig(noise_schedule=args.noise_schedule)))
     final = evaluate_elbo(model, corpus.val.sequential_batches(64, args.context_bytes), schedule=args.noise_schedule)
     save_pretrained(model, args.save)
     emit({"bench": "diffusion_elbo", "model": args.model, "minutes": args.minutes, "noise_schedule": args.noise_schedule,

@@ -20,7 +20,7 @@ from torch import nn
 
 from bitlm.codec import bytes_to_bit_tensor
 from bitlm.data import Corpus
-from bitlm.diffusion import SCHEDULES, diffusion_loss, evaluate_elbo
+from bitlm.diffusion import SCHEDULES, diffusion_batch_loss, evaluate_elbo
 from bitlm.model import MASK, BitTransformerLM
 
 from common import contender_config, emit, load_shakespeare
@@ -66,7 +66,7 @@ def run(conv: str, schedule: str, corpus: Corpus, args) -> dict:
     noise = torch.Generator().manual_seed(0)
     batches = corpus.train.random_batches(16, 64, seed=0)
     for _ in range(args.steps):
-        out = diffusion_loss(model, next(batches), schedule=schedule, generator=noise)
+        out = diffusion_batch_loss(model, next(batches), schedule=schedule, generator=noise)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

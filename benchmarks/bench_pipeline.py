@@ -25,7 +25,7 @@ from bitlm.config import TrainConfig
 from bitlm.data import Corpus
 from bitlm.engine import build_optimizer
 from bitlm.model import BitTransformerLM
-from bitlm.objective import causal_loss
+from bitlm.objective import batch_loss
 from bitlm.pipelining import PipelineStrategy
 
 from common import contender_config, emit, load_shakespeare
@@ -101,7 +101,7 @@ def single_process_seconds(args) -> float:
     for i in range(args.warmup + args.steps):
         batch = next(batches)
         start = time.perf_counter()
-        causal_loss(model, batch).loss.backward()
+        batch_loss(model, batch).loss.backward()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)

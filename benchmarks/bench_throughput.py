@@ -12,7 +12,7 @@ from bitlm.config import ModelConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.engine import build_optimizer
 from bitlm.model import BitTransformerLM
-from bitlm.objective import causal_loss
+from bitlm.objective import batch_loss
 
 from common import CONTENDERS, contender_config, emit, load_shakespeare
 
@@ -24,7 +24,7 @@ def steady_state_rate(model, corpus, cfg: TrainConfig, steps: int, warmup: int) 
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
-        out = causal_loss(model, next(batches))
+        out = batch_loss(model, next(batches))
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from bitlm.data import Corpus
 from bitlm.model import BitTransformerLM
-from bitlm.objective import causal_loss, evaluate_bpb
+from bitlm.objective import batch_loss, evaluate_bpb
 
 from common import contender_config, emit, load_shakespeare
 
@@ -58,7 +58,7 @@ def run(kind: str, kernel: int, corpus: Corpus, args) -> dict:
     batches = corpus.train.random_batches(16, 64, seed=0)
     start = time.perf_counter()
     for _ in range(args.steps):
-        out = causal_loss(model, next(batches))
+        out = batch_loss(model, next(batches))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,9 +1,10 @@
-"""Multi-head self-attention (full or chunked, causal or not) and the KV cache for decoding."""
+"""Multi-head self-attention (full or chunked, causal or not), position codes, and the KV cache and state of decoding."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,24 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+
+@dataclass
+class DecodeState:
+    """Incremental causal decoding of one batch: the KV cache plus whatever the body needs."""
+
+    cache: KVCache
+    extra: Any = None  # per-architecture state (the patched body keeps the current byte here)
+
+
+def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
+    """(n_positions, d_model) fixed sin/cos position codes."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return table
 
 
 def attention_mask(q_start: int, n_q: int, n_k: int, *, causal: bool, chunk_size: Optional[int],

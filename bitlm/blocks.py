@@ -1,4 +1,9 @@
-"""Pre-norm transformer blocks and the stack that runs them plain, checkpointed, reversible or with ACT."""
+"""Pre-norm transformer blocks and the stack that runs them plain, reversible or with ACT.
+
+Activation checkpointing is applied to the blocks from outside (bitlm.parallel); a pipeline stage
+sets the blocks it does not own to None, and the stack skips them (indices, and so parameter
+names and KV-cache layers, stay those of the full model).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import KVCache, SelfAttention
 from .config import ModelConfig
@@ -26,13 +30,15 @@ class Block(nn.Module):
             nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
         )
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.last_weights: Optional[torch.Tensor] = None
 
-    def f(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None, layer: int = 0,
-          return_weights: bool = False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None, layer: int = 0,
+               return_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """F(x) and, when asked, its attention weights (B, nh, T, T_k)."""
         y, weights = self.attn(self.ln1(x), causal=causal, cache=cache, layer=layer, return_weights=return_weights)
-        self.last_weights = weights
-        return self.resid_dropout(y)
+        return self.resid_dropout(y), weights
+
+    def f(self, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        return self.attend(x, causal=causal)[0]
 
     def g(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln2(x))
@@ -74,29 +80,31 @@ class BlockStack(nn.Module):
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
                 return_weights: bool = False) -> StackOutput:
-        per_layer_needed = self.halt is not None or cache is not None or return_weights
+        maps: list[torch.Tensor] = []  # filled per layer when return_weights
         if self.cfg.reversible:
             if cache is None and not return_weights and torch.is_grad_enabled():
                 states = self._reversible(x, causal, per_layer=self.halt is not None)
             else:
-                states = self._coupled_inference(x, causal, cache, return_weights)
+                states = self._coupled_inference(x, causal, cache, return_weights, maps)
         else:
-            states = self._plain(x, causal, cache, return_weights, per_layer_needed)
+            states = self._plain(x, causal, cache, return_weights, self.halt is not None, maps)
         out = self._act(states) if self.halt is not None else StackOutput(hidden=states[-1])
-        if return_weights:
-            out.attention_maps = [b.last_weights for b in self.blocks]
-            for b in self.blocks:
-                b.last_weights = None
+        out.attention_maps = maps
         return out
 
-    def _plain(self, x, causal, cache, return_weights, keep_all) -> list[torch.Tensor]:
+    def owned(self) -> list[tuple[int, Block]]:
+        """(layer index, block) of the blocks this stack runs (a pipeline stage holds None for the others)."""
+        return [(i, b) for i, b in enumerate(self.blocks) if b is not None]
+
+    def _plain(self, x, causal, cache, return_weights, keep_all, maps) -> list[torch.Tensor]:
         states = []
-        for i, block in enumerate(self.blocks):
+        for i, block in self.owned():
             if cache is not None or return_weights:
-                x = x + block.f(x, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+                y, weights = block.attend(x, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+                x = x + y
                 x = x + block.g(x)
-            elif self.cfg.checkpoint_activations and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal=causal, use_reentrant=False)
+                if return_weights:
+                    maps.append(weights)
             else:
                 x = block(x, causal=causal)
             if keep_all:
@@ -107,23 +115,27 @@ class BlockStack(nn.Module):
         # residual streams stay fp32 so the subtraction that rebuilds inputs in backward is exact enough
         x1 = x2 = x.float()
         replay = self.training and self.cfg.dropout > 0
+        blocks = [b for _, b in self.owned()]
         if not per_layer:
-            x1, x2 = reversible_stack(x1, x2, self.blocks, causal=causal, replay_rng=replay)
+            x1, x2 = reversible_stack(x1, x2, blocks, causal=causal, replay_rng=replay)
             return [(x1 + x2) / 2]
         states = []
-        for block in self.blocks:  # ACT needs every layer's state, so couple one block at a time
+        for block in blocks:  # ACT needs every layer's state, so couple one block at a time
             x1, x2 = reversible_stack(x1, x2, [block], causal=causal, replay_rng=replay)
             states.append((x1 + x2) / 2)
         return states
 
-    def _coupled_inference(self, x, causal, cache, return_weights) -> list[torch.Tensor]:
+    def _coupled_inference(self, x, causal, cache, return_weights, maps=None) -> list[torch.Tensor]:
         """The same coupling without the custom Function: for caching, attention maps or no-grad runs."""
         x1 = x2 = x.float()
         states = []
-        for i, block in enumerate(self.blocks):
-            x1 = x1 + block.f(x2, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+        for i, block in self.owned():
+            y, weights = block.attend(x2, causal=causal, cache=cache, layer=i, return_weights=return_weights)
+            x1 = x1 + y
             x2 = x2 + block.g(x1)
             states.append((x1 + x2) / 2)
+            if return_weights and maps is not None:
+                maps.append(weights)
         return states
 
     def _act(self, states: list[torch.Tensor]) -> StackOutput:

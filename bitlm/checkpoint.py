@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, from_dict, to_dict
-from .parallel import cpu_state, load_named_optimizer_state, named_optimizer_state
+from .state import cpu_state, load_named_optimizer_state, load_state, named_optimizer_state, unwrap
 
 FORMAT = "bitlm/1"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -262,14 +262,6 @@ def load_weights(model, directory: str | Path) -> None:
     load_state(model, state, source=directory)
 
 
-def load_state(model, state: dict[str, torch.Tensor], *, source: Any = "checkpoint") -> None:
-    """Copy a full state dict into a plain model; names and shapes must match exactly."""
-    target = getattr(model, "_orig_mod", model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model (missing {missing}, unexpected {unexpected})")
-
-
 def _optimizer_payload(named: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for name, entries in named["state"].items():
@@ -338,7 +330,7 @@ def load_checkpoint(directory: str | Path, model, optimizer: Optional[torch.opti
     model_state, named, trainer_state = read_checkpoint(directory)
     load_state(model, model_state, source=directory)
     if optimizer is not None:
-        load_named_optimizer_state(getattr(model, "_orig_mod", model), optimizer, named)
+        load_named_optimizer_state(unwrap(model), optimizer, named)
     restore_rng(directory)
     return trainer_state
 

@@ -37,7 +37,7 @@ def _byte_parity(values: np.ndarray) -> np.ndarray:
     return p
 
 
-def _as_bit_array(bits: BitsLike) -> np.ndarray:
+def as_bit_array(bits: BitsLike) -> np.ndarray:
     """Flatten ``bits`` to a 1-D uint8 numpy array, raising ValueError on any value other than 0/1."""
     if isinstance(bits, torch.Tensor):
         # numpy has no bfloat16, and the values checked here are exact in float32.
@@ -94,7 +94,7 @@ def text_to_bits(text: str, parity: bool = True) -> np.ndarray:
 
 def _split_stream(bits: BitsLike, parity: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Validate a bit stream and return (data bytes, stored parity bits or None)."""
-    arr = _as_bit_array(bits)
+    arr = as_bit_array(bits)
     bpb = bits_per_byte(parity)
     if arr.size % bpb:
         raise ValueError(
@@ -142,7 +142,7 @@ def bits_to_text(bits: BitsLike, parity: bool = True, errors: str = "strict", re
 
 def enforce_parity(bits: BitsLike) -> tuple[np.ndarray, int]:
     """Rewrite every parity bit of a parity stream to even parity; return (fixed bits, bytes changed)."""
-    arr = _as_bit_array(bits)
+    arr = as_bit_array(bits)
     bpb = bits_per_byte(True)
     if arr.size % bpb:
         raise ValueError(f"parity stream length {arr.size} is not a multiple of {bpb} bits per byte")
@@ -156,7 +156,7 @@ def enforce_parity(bits: BitsLike) -> tuple[np.ndarray, int]:
 
 def pack_bits(bits: BitsLike) -> bytes:
     """Pack an arbitrary bit array densely, 8 bits per byte, MSB first, zero-padded at the end."""
-    return np.packbits(_as_bit_array(bits)).tobytes()
+    return np.packbits(as_bit_array(bits)).tobytes()
 
 
 def unpack_bits(packed: bytes | bytearray, n_bits: int) -> np.ndarray:

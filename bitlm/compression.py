@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from bitlm.codec import BitsLike, _as_bit_array
+from bitlm.codec import BitsLike, as_bit_array
 
 # The longest accepted zero prefix: a gamma code with 62 leading zeros holds a value below 2**63,
 # the largest that int64 arithmetic keeps exact.
@@ -117,7 +117,7 @@ def _encode_flat(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 
 def compress_bits(bits: BitsLike) -> np.ndarray:
     """Run-length encode one bit sequence (list, numpy or torch of 0/1) into a gamma-coded bit stream."""
-    arr = _as_bit_array(bits)
+    arr = as_bit_array(bits)
     return _encode_flat(arr, np.array([arr.size], dtype=np.int64))[0]
 
 
@@ -128,7 +128,7 @@ def _batch_rows(bits_2d: np.ndarray | torch.Tensor | Sequence[BitsLike]) -> tupl
             raise ValueError(f"a batch array must be 2-D (rows, bits), got shape {tuple(bits_2d.shape)}")
         n_rows, width = bits_2d.shape
         try:
-            flat = _as_bit_array(bits_2d)
+            flat = as_bit_array(bits_2d)
         except ValueError:
             # Validate row by row only on failure, to name the row as well as the index.
             for r in range(n_rows):
@@ -143,7 +143,7 @@ def _batch_rows(bits_2d: np.ndarray | torch.Tensor | Sequence[BitsLike]) -> tupl
 
 def _as_row(row: BitsLike, r: int, what: str = "row") -> np.ndarray:
     try:
-        return _as_bit_array(row)
+        return as_bit_array(row)
     except ValueError as exc:
         raise ValueError(f"{what} {r}: {exc}") from None
 
@@ -285,7 +285,7 @@ def _decode(streams: list[np.ndarray], max_bits: int | None, batch: bool) -> lis
 
 def decompress_bits(stream: BitsLike, max_bits: int | None = None) -> np.ndarray:
     """Inverse of ``compress_bits``; pass ``max_bits`` to refuse streams (e.g. sampled ones) that decode too large."""
-    return _decode([_as_bit_array(stream)], max_bits, batch=False)[0]
+    return _decode([as_bit_array(stream)], max_bits, batch=False)[0]
 
 
 def decompress_batch(streams: Sequence[BitsLike], max_bits: int | None = None) -> list[np.ndarray]:

@@ -3,101 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
-import numbers
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from .fields import (check, check_choice, check_fields, check_range, check_value, field_types, is_int,
+                     is_real, show, takes_float)
+from .renames import upgrade_document
+
 Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
-Schedule = Literal["cosine", "onecycle", "constant"]
+LRSchedule = Literal["cosine", "onecycle", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
-
-
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
-
-
-def _check_choice(value: Any, name: str, tp: Any) -> None:
-    allowed = typing.get_args(tp)
-    _check(value in allowed, name, f"must be one of {list(allowed)}, got {value!r}")
-
-
-def _check_range(value: int, name: str, low: int, high: int) -> None:
-    _check(low <= value <= high, name, f"must be in [{low}, {high}], got {value}")
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _describe(tp: Any) -> str:
-    """A declared field type in words: `int`, `int or None`, `one of ['a', 'b']`."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Literal:
-        return f"one of {list(typing.get_args(tp))}"
-    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _show(value: Any) -> str:
-    """A value with its type, as a type error quotes it: `str '64'`, `bool True`, `None`."""
-    text = repr(value)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return "None" if value is None else f"{type(value).__name__} {text}"
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin is Literal:
-        return isinstance(value, str) and value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    # bool is a subclass of int: `"batch_size": true` must not train with batch 1
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp in (bool, str) or dataclasses.is_dataclass(tp):
-        return isinstance(value, tp)
-    return True  # no other annotations occur in configs
-
-
-def _takes_float(tp: Any) -> bool:
-    return tp is float or (typing.get_origin(tp) in (typing.Union, types.UnionType) and float in typing.get_args(tp))
-
-
-def _check_value(value: Any, tp: Any, name: str) -> None:
-    """Raise a ValueError naming `name` unless `value` has the declared type `tp`.
-
-    Int fields take ints only (not bools, not 64.0), float fields ints or floats that are finite
-    (no field has a use for inf or nan: lr=inf trained to a NaN model), Optional fields None too.
-    """
-    if typing.get_origin(tp) is Literal:
-        _check_choice(value, name, tp)
-        return
-    _check(_matches(value, tp), name, f"expected {_describe(tp)}, got {_show(value)}")
-    if _takes_float(tp) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        try:
-            _check(math.isfinite(value), name, f"must be finite, got {value}")
-        except OverflowError:  # an int too large for a float
-            raise ValueError(f"{name}: must be finite, got an int beyond the float range (1.8e308)") from None
-
-
-def _check_fields(cfg: Any, prefix: str) -> None:
-    """Type-check every field of a config instance (`prefix` is its section, e.g. "model.")."""
-    hints = _hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        _check_value(getattr(cfg, f.name), hints[f.name], prefix + f.name)
+StrategyName = Literal["single", "ddp", "fsdp", "pipeline"]  # bitlm.strategy.STRATEGIES
+PipelineSchedule = Literal["gpipe", "1f1b"]  # bitlm.pipelining.SCHEDULES
+Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
 
 
 # Upper bounds turn a typo (an extra zero or two in d_model or batch_size) into an error naming the
@@ -128,7 +50,6 @@ class ModelConfig:
     parity: bool = True
     causal: bool = True
     reversible: bool = False
-    checkpoint_activations: bool = False
     chunk_size: Optional[int] = None  # block-local attention window, in positions
     full_attn_logging: bool = False  # return (B, H, T, T) attention maps with telemetry
     act: bool = False  # adaptive computation time halting over layers
@@ -139,17 +60,17 @@ class ModelConfig:
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
 
     def __post_init__(self) -> None:
-        _check_fields(self, "model.")
+        check_fields(self, "model.")
         for name, (low, high) in MODEL_BOUNDS.items():
-            _check_range(getattr(self, name), f"model.{name}", low, high)
-        _check(self.d_model % self.n_heads == 0, "model.d_model",
+            check_range(getattr(self, name), f"model.{name}", low, high)
+        check(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}, got {self.d_model}")
-        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
-        _check(self.chunk_size is None or 1 <= self.chunk_size <= 2 ** 24, "model.chunk_size",
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        check(self.chunk_size is None or 1 <= self.chunk_size <= 2 ** 24, "model.chunk_size",
                f"must be None or in [1, {2 ** 24}], got {self.chunk_size}")
-        _check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
+        check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
-        _check(self.arch == "flat" or self.representation == "bit", "model.arch",
+        check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
     @property
@@ -207,7 +128,7 @@ MODEL_KINDS: dict[str, dict[str, str]] = {
 }
 
 # Shapes plus the context (in bytes) each preset is sized for.
-MODEL_PRESETS: dict[str, dict[str, int]] = {
+MODEL_PRESETS: dict[Preset, dict[str, int]] = {
     "tiny": {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 256, "context_bytes": 128},
     "small": {"d_model": 128, "n_heads": 4, "n_layers": 4, "d_ff": 512, "context_bytes": 256},
     "base": {"d_model": 512, "n_heads": 8, "n_layers": 8, "d_ff": 2048, "context_bytes": 512},
@@ -230,7 +151,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = 100
-    schedule: Schedule = "cosine"
+    schedule: LRSchedule = "cosine"  # of the learning rate
     grad_clip: float = 1.0
     precision: Precision = "auto"
     compile: bool = False
@@ -256,30 +177,30 @@ class TrainConfig:
     qat_group_size: int = 32
 
     def __post_init__(self) -> None:
-        _check_fields(self, "train.")
-        _check_range(self.seed, "train.seed", 0, MAX_SEED)
-        _check_range(self.batch_size, "train.batch_size", 1, MAX_BATCH_SIZE)
+        check_fields(self, "train.")
+        check_range(self.seed, "train.seed", 0, MAX_SEED)
+        check_range(self.batch_size, "train.batch_size", 1, MAX_BATCH_SIZE)
         for name in ("grad_accum_steps", "max_steps", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):
-            _check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+            check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         # the upper end is the largest model context (model.max_seq_len); ExperimentConfig checks the actual one
-        _check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_seq_len"][1])
-        _check(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
+        check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_seq_len"][1])
+        check(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
                f"must be None or > 0, got {self.max_seconds}")
-        _check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
+        check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         for name in ("lambda_k", "lambda_c", "lambda_s"):
-            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.drift_window >= 1, "train.drift_window", f"must be >= 1, got {self.drift_window}")
-        _check(self.drift_threshold >= 0, "train.drift_threshold", f"must be >= 0, got {self.drift_threshold}")
-        _check(0.0 <= self.compress_prob <= 1.0, "train.compress_prob", f"must be in [0, 1], got {self.compress_prob}")
+            check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.drift_window >= 1, "train.drift_window", f"must be >= 1, got {self.drift_window}")
+        check(self.drift_threshold >= 0, "train.drift_threshold", f"must be >= 0, got {self.drift_threshold}")
+        check(0.0 <= self.compress_prob <= 1.0, "train.compress_prob", f"must be in [0, 1], got {self.compress_prob}")
         for name in ("compress_warmup_steps", "compress_ramp_steps"):
-            _check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
-        _check(self.qat_group_size in (32, 64, 128, 256), "train.qat_group_size",
+            check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+        check(self.qat_group_size in (32, 64, 128, 256), "train.qat_group_size",
                f"must be 32, 64, 128 or 256, got {self.qat_group_size}")
 
 
@@ -292,8 +213,8 @@ class DiffusionConfig:
     curriculum: bool = False  # draw heavy noise early in training, uniform by the end
 
     def __post_init__(self) -> None:
-        _check_fields(self, "diffusion.")
-        _check(self.steps >= 1, "diffusion.steps", f"must be >= 1, got {self.steps}")
+        check_fields(self, "diffusion.")
+        check(self.steps >= 1, "diffusion.steps", f"must be >= 1, got {self.steps}")
 
 
 ExpansionKind = Literal["depth", "width", "context"]
@@ -315,33 +236,25 @@ class ScalingConfig:
     rewarm_steps: int = 100  # linear learning-rate warm-up after each expansion
 
     def __post_init__(self) -> None:
-        _check_fields(self, "scaling.")
-        _check(self.window >= 1, "scaling.window", f"must be >= 1, got {self.window}")
-        _check(self.improve_thresh >= 0, "scaling.improve_thresh", f"must be >= 0, got {self.improve_thresh}")
+        check_fields(self, "scaling.")
+        check(self.window >= 1, "scaling.window", f"must be >= 1, got {self.window}")
+        check(self.improve_thresh >= 0, "scaling.improve_thresh", f"must be >= 0, got {self.improve_thresh}")
         kinds = self.kinds
-        _check(len(kinds) >= 1, "scaling.order", "must name at least one of depth, width, context")
+        check(len(kinds) >= 1, "scaling.order", "must name at least one of depth, width, context")
         for kind in kinds:
-            _check_choice(kind, "scaling.order", ExpansionKind)
-        _check_range(self.add_layers, "scaling.add_layers", 1, MODEL_BOUNDS["n_layers"][1])
-        _check(self.max_expansions >= 0, "scaling.max_expansions", f"must be >= 0, got {self.max_expansions}")
-        _check(self.max_parameters >= 1, "scaling.max_parameters", f"must be >= 1, got {self.max_parameters}")
-        _check(self.max_context_bytes >= 2, "scaling.max_context_bytes",
+            check_choice(kind, "scaling.order", ExpansionKind)
+        check_range(self.add_layers, "scaling.add_layers", 1, MODEL_BOUNDS["n_layers"][1])
+        check(self.max_expansions >= 0, "scaling.max_expansions", f"must be >= 0, got {self.max_expansions}")
+        check(self.max_parameters >= 1, "scaling.max_parameters", f"must be >= 1, got {self.max_parameters}")
+        check(self.max_context_bytes >= 2, "scaling.max_context_bytes",
                f"must be >= 2, got {self.max_context_bytes}")
-        _check(self.lr_decay >= 1.0, "scaling.lr_decay", f"must be >= 1, got {self.lr_decay}")
-        _check(self.rewarm_steps >= 0, "scaling.rewarm_steps", f"must be >= 0, got {self.rewarm_steps}")
+        check(self.lr_decay >= 1.0, "scaling.lr_decay", f"must be >= 1, got {self.lr_decay}")
+        check(self.rewarm_steps >= 0, "scaling.rewarm_steps", f"must be >= 0, got {self.rewarm_steps}")
 
     @property
     def kinds(self) -> tuple[str, ...]:
         """The expansion cycle, e.g. ("depth", "width", "context")."""
         return tuple(k.strip() for k in self.order.split(",") if k.strip())
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -358,21 +271,35 @@ class SafetyConfig:
     strict: bool = False  # raise SafetyBlocked instead of returning a failed verdict
 
     def __post_init__(self) -> None:
-        # numbers.Real / Integral rather than _check_fields: the gate is also built in code from numpy values
+        # numbers.Real / Integral rather than check_fields: the gate is also built in code from numpy values
         for name in ("c_floor", "s_floor"):
             value = getattr(self, name)
-            _check(_is_real(value) and 0.0 <= value <= 1.0, f"safety.{name}", f"must be in [0, 1], got {value!r}")
-        _check(_is_real(self.decay) and 0.0 <= self.decay < 1.0, "safety.decay",
+            check(is_real(value) and 0.0 <= value <= 1.0, f"safety.{name}", f"must be in [0, 1], got {value!r}")
+        check(is_real(self.decay) and 0.0 <= self.decay < 1.0, "safety.decay",
                f"must be in [0, 1), got {self.decay!r}")
-        _check(_is_int(self.burn_in) and self.burn_in >= 0, "safety.burn_in",
+        check(is_int(self.burn_in) and self.burn_in >= 0, "safety.burn_in",
                f"must be an integer >= 0, got {self.burn_in!r}")
-        _check(_is_int(self.window_bytes) and self.window_bytes >= 1, "safety.window_bytes",
+        check(is_int(self.window_bytes) and self.window_bytes >= 1, "safety.window_bytes",
                f"must be an integer >= 1, got {self.window_bytes!r}")
-        _check(_is_int(self.max_retries) and self.max_retries >= 0, "safety.max_retries",
+        check(is_int(self.max_retries) and self.max_retries >= 0, "safety.max_retries",
                f"must be an integer >= 0, got {self.max_retries!r}")
-        _check(_is_real(self.backoff_s) and 0.0 <= self.backoff_s < math.inf, "safety.backoff_s",
+        check(is_real(self.backoff_s) and 0.0 <= self.backoff_s < math.inf, "safety.backoff_s",
                f"must be a finite number >= 0, got {self.backoff_s!r}")
-        _check(isinstance(self.strict, bool), "safety.strict", f"must be True or False, got {self.strict!r}")
+        check(isinstance(self.strict, bool), "safety.strict", f"must be True or False, got {self.strict!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the ranks of a run share the model (bitlm.parallel.parallelize applies it)."""
+
+    strategy: StrategyName = "ddp"  # with one rank, ddp and fsdp train as a single process
+    n_microbatches: int = 4  # pipeline: micro-batches per step
+    pipeline_schedule: PipelineSchedule = "gpipe"
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+
+    def __post_init__(self) -> None:
+        check_fields(self, "parallel.")
+        check(self.n_microbatches >= 1, "parallel.n_microbatches", f"must be >= 1, got {self.n_microbatches}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -384,20 +311,21 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)  # the gate's defaults for generate --safe and serve
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self, "")
+        check_fields(self, "")
         # engine.fit refuses the same at start-up; scaling's context expansions later grow
         # max_seq_len and context_bytes together, so the start has to fit with or without scaling
         max_bytes = self.model.max_input_ids // self.model.ids_per_byte
-        _check(self.train.context_bytes <= max_bytes, "train.context_bytes",
+        check(self.train.context_bytes <= max_bytes, "train.context_bytes",
                f"must be <= {max_bytes}, the model's context in bytes (model.max_seq_len={self.model.max_seq_len}), "
                f"got {self.train.context_bytes}")
 
 
 # the dotted prefix that names a section's fields in errors (from_dict(ModelConfig, ...) -> model.d_model)
 _SECTIONS: dict[type, str] = {ModelConfig: "model.", TrainConfig: "train.", DiffusionConfig: "diffusion.",
-                              ScalingConfig: "scaling.", SafetyConfig: "safety."}
+                              ScalingConfig: "scaling.", SafetyConfig: "safety.", ParallelConfig: "parallel."}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -416,9 +344,10 @@ def from_dict(cls: type, data: Any, prefix: Optional[str] = None) -> Any:
     if prefix is None:
         prefix = _SECTIONS.get(cls, "")
     where = prefix.rstrip(".") or cls.__name__
+    data = upgrade_document(data, prefix)  # keys renamed or moved since (bitlm.renames)
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object of fields, got {_show(data)}")
-    hints = _hints(cls)
+        raise ValueError(f"{where}: expected an object of fields, got {show(data)}")
+    hints = field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -429,8 +358,8 @@ def from_dict(cls: type, data: Any, prefix: Optional[str] = None) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
             continue
-        _check_value(value, tp, prefix + key)
-        kwargs[key] = float(value) if _takes_float(tp) and isinstance(value, int) else value
+        check_value(value, tp, prefix + key)
+        kwargs[key] = float(value) if takes_float(tp) and isinstance(value, int) else value
     return cls(**kwargs)
 
 

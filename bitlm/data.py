@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .shards import check_shards, file_sha256, read_shard, write_shards
-from .sources import DEFAULT_INCLUDE, plan_stream, read_stream, resolve_sources
+from .corpus_sources import DEFAULT_INCLUDE, plan_stream, read_stream, resolve_sources
 
 FORMAT = "bitlm-corpus/1"
 MANIFEST = "manifest.json"

@@ -28,18 +28,21 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .codec import bits_to_bytes, bytes_to_bit_tensor, bytes_to_bits, enforce_parity
+from .config import NoiseSchedule
 from .model import MASK
+from .modes import eval_mode
 from .objective import LN2, LossOutput, bits_per_byte_over
 from .sampling import Generation
 
-SCHEDULES: tuple[str, ...] = ("linear", "cosine", "exp", "loglinear")  # config.NoiseSchedule
+SCHEDULES: tuple[str, ...] = get_args(NoiseSchedule)
 _EXP_RATE = 5.0  # "exp": masks quickly early, m(t) = (1 - e^{-5t}) / (1 - e^{-5})
 _LOGIT_SPAN = 6.0  # "loglinear": log-odds of the mask rate linear in t, from -6 to +6, rescaled to [0, 1]
 
@@ -122,46 +125,76 @@ def sample_masked_counts(batch_size: int, n: int, *, schedule: str, generator: t
     return k, (1.0 / (k.to(torch.float64) * pmf[index])).to(torch.float32)
 
 
-def _mask_exactly(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def mask_exactly(counts: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """(B, n) bool masks with counts[b] units masked in row b, the units a uniformly random subset."""
     ranks = torch.rand(counts.shape[0], n, generator=generator).argsort(dim=1).argsort(dim=1)
     return ranks < counts[:, None]
 
 
-def diffusion_loss(model, byte_windows: torch.Tensor, *, schedule: str, generator: torch.Generator,
-                   progress: float = 1.0, curriculum: bool = False) -> LossOutput:
-    """The ELBO of a (B, L) byte batch under a non-causal model, one masked set per row.
+@dataclass
+class Corruption:
+    """One masked set per row of a batch: what the model reads, and what the bound is computed from."""
 
-    loss: the ELBO in nats per bit (what training minimises); nll_bits: the summed ELBO in bits,
-    an upper bound on the batch's negative log2-likelihood; n_bytes: every byte of the batch.
-    """
-    _check_diffusion_model(model)
-    device = next(model.parameters()).device
-    bits = bytes_to_bit_tensor(byte_windows.to(device), parity=model.config.parity)  # (B, T)
+    inputs: torch.Tensor  # (B, T) bits with the masked ones replaced by MASK
+    bits: torch.Tensor  # (B, T) clean bits
+    masked: torch.Tensor  # (B, T) bool
+    weight: torch.Tensor  # (B,) bound weights 1 / (k P(k))
+    byte_level: bool  # patched: whole bytes masked, their bits read down the tree given the clean prefix
+
+    def forward_kwargs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of the model's forward beside the inputs (causal=False)."""
+        return {"local_prefix": self.bits} if self.byte_level else {}
+
+
+def corrupt(cfg, byte_windows: torch.Tensor, *, schedule: str, generator: torch.Generator,
+            progress: float = 1.0, curriculum: bool = False) -> Corruption:
+    """Mask a (B, L) byte batch (already on the model's device) for a non-causal model with ModelConfig `cfg`."""
+    bits = bytes_to_bit_tensor(byte_windows, parity=cfg.parity)  # (B, T)
     B, T = bits.shape
-    byte_level = model.config.arch == "patched"
-    bpb = model.config.bits_per_byte
+    byte_level = cfg.arch == "patched"
+    bpb = cfg.bits_per_byte
     # the units masked together: whole bytes (patched: their bits scored exactly down the tree) or bits
     n_units = T // bpb if byte_level else T
     counts, weight = sample_masked_counts(B, n_units, schedule=schedule, generator=generator,
                                           progress=progress, curriculum=curriculum)
-    masked = _mask_exactly(counts, n_units, generator).to(device)
+    masked = mask_exactly(counts, n_units, generator).to(bits.device)
     if byte_level:
         masked = masked.repeat_interleave(bpb, dim=1)
-    logits, _ = model(torch.where(masked, torch.full_like(bits, MASK), bits), causal=False,
-                      **({"local_prefix": bits} if byte_level else {}))
-    nll = F.cross_entropy(logits.float().reshape(-1, 2), bits.reshape(-1), reduction="none").view(B, T)
-    per_row = (nll * masked).sum(dim=1) * weight.to(device)  # nats, an unbiased estimate of each row's bound
+    return Corruption(inputs=torch.where(masked, torch.full_like(bits, MASK), bits), bits=bits, masked=masked,
+                      weight=weight.to(bits.device), byte_level=byte_level)
+
+
+def diffusion_loss(logits: torch.Tensor, noised: Corruption, bits_per_byte: int) -> LossOutput:
+    """The ELBO of a batch from the (B, T, 2) logits a non-causal model gave for `noised.inputs`.
+
+    loss: the ELBO in nats per bit (what training minimises); nll_bits: the summed ELBO in bits,
+    an upper bound on the batch's negative log2-likelihood; n_bytes: every byte of the batch.
+    """
+    B, T = noised.bits.shape
+    nll = F.cross_entropy(logits.float().reshape(-1, 2), noised.bits.reshape(-1), reduction="none").view(B, T)
+    per_row = (nll * noised.masked).sum(dim=1) * noised.weight  # nats, an unbiased estimate of each row's bound
     return LossOutput(loss=per_row.sum() / (B * T), nll_bits=per_row.detach().sum() / LN2,
-                      n_bytes=B * byte_windows.shape[1], p_one=logits.float().softmax(-1)[..., 1])
+                      n_bytes=B * (T // bits_per_byte), p_one=logits.float().softmax(-1)[..., 1])
 
 
-def _check_diffusion_model(model) -> None:
-    if model.config.causal:
+def diffusion_batch_loss(model, byte_windows: torch.Tensor, *, schedule: str, generator: torch.Generator,
+                         progress: float = 1.0, curriculum: bool = False) -> LossOutput:
+    """diffusion_loss of a plain non-causal model on a (B, L) byte batch: corrupt, forward, loss."""
+    check_diffusion_model(model.config)
+    device = next(model.parameters()).device
+    noised = corrupt(model.config, byte_windows.to(device), schedule=schedule, generator=generator,
+                     progress=progress, curriculum=curriculum)
+    logits, _ = model(noised.inputs, causal=False, **noised.forward_kwargs())
+    return diffusion_loss(logits, noised, model.config.bits_per_byte)
+
+
+def check_diffusion_model(cfg) -> None:
+    """ValueError naming the field unless ModelConfig `cfg` describes a model diffusion can train."""
+    if cfg.causal:
         raise ValueError("diffusion needs a non-causal model (model.causal=False)")
-    if model.config.chunk_size is not None:
+    if cfg.chunk_size is not None:
         raise ValueError("model.chunk_size: chunked attention is off in diffusion mode; set it to None")
-    if model.config.representation != "bit":
+    if cfg.representation != "bit":
         raise ValueError("diffusion over bits needs representation='bit'")
 
 
@@ -175,7 +208,7 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
     prediction; the last step reveals the rest. Parity is enforced afterwards and the number of
     corrected bytes reported.
     """
-    _check_diffusion_model(model)
+    check_diffusion_model(model.config)
     _check_schedule(schedule)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -197,9 +230,7 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
     else:
         generator.manual_seed(seed)
     z = torch.cat([prompt_bits, torch.full((n_new,), MASK, device=device)])[None]  # (1, T)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for s in range(steps, 0, -1):
             m_now = float(mask_rate(torch.tensor(s / steps), schedule))
             m_next = float(mask_rate(torch.tensor((s - 1) / steps), schedule))
@@ -215,8 +246,6 @@ def diffusion_sample(model, prompt: str | bytes, max_new_bytes: int, *, steps: i
                 reveal = masked & (torch.rand(z.shape, generator=generator) < (m_now - m_next) / max(m_now, 1e-12))
                 values = (torch.rand(z.shape, generator=generator) < p_one).long()
             z = torch.where(reveal.to(device), values.to(device), z)
-    finally:
-        model.train(was_training)
     new_bits = z[0, prompt_bits.numel():].cpu().numpy().astype(np.uint8)
     corrections = 0
     if cfg.parity:
@@ -230,5 +259,5 @@ def evaluate_elbo(model, batches, *, schedule: str, seed: int = 0) -> dict[str, 
     """ELBO bits per byte (an upper bound) over (B, L) byte batches, with seeded masks."""
     generator = torch.Generator().manual_seed(seed)
     elbo_bpb, n_bytes = bits_per_byte_over(
-        model, batches, lambda m, batch: diffusion_loss(m, batch, schedule=schedule, generator=generator))
+        model, batches, lambda m, batch: diffusion_batch_loss(m, batch, schedule=schedule, generator=generator))
     return {"elbo_bpb": elbo_bpb, "n_bytes": n_bytes}

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import telemetry as tm
 from .codec import bytes_to_bits
-from .config import MODEL_KINDS, ModelConfig, TrainConfig, _check, to_dict
+from .config import MODEL_KINDS, ModelConfig, TrainConfig, to_dict
+from .fields import check
 from .data import ByteWindows, Corpus, corpus_identity
 from .engine import evaluate, fit, resolve_device
 from .evaluation import TELEMETRY_WINDOW_BYTES
@@ -33,7 +34,7 @@ from .model import BitTransformerLM
 from .objective import LN2, LossOutput, model_inputs
 from .parallel import cpu_state
 from .sampling import generate
-from .scaling import _copy_into, _normal, expand_model
+from .scaling import copy_weights_into, init_normal, expand_model
 from .synthesizer import Selection, TelemetrySynthesizer, all_windows, check_model_and_windows, random_selection
 
 METRICS_FILE = "metrics.json"
@@ -62,16 +63,16 @@ class DistillConfig:
     sample_temperature: float = 0.8
 
     def __post_init__(self) -> None:
-        _check(self.selection in ("cluster", "random", "all"), "distill.selection",
+        check(self.selection in ("cluster", "random", "all"), "distill.selection",
                f"must be one of ['cluster', 'random', 'all'], got {self.selection!r}")
-        _check(self.k >= 1, "distill.k", f"must be >= 1, got {self.k}")
-        _check(self.per_cluster >= 1, "distill.per_cluster", f"must be >= 1, got {self.per_cluster}")
-        _check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
-        _check(self.kl_weight >= 0 and self.data_weight >= 0 and self.kl_weight + self.data_weight > 0,
+        check(self.k >= 1, "distill.k", f"must be >= 1, got {self.k}")
+        check(self.per_cluster >= 1, "distill.per_cluster", f"must be >= 1, got {self.per_cluster}")
+        check(self.temperature > 0, "distill.temperature", f"must be > 0, got {self.temperature}")
+        check(self.kl_weight >= 0 and self.data_weight >= 0 and self.kl_weight + self.data_weight > 0,
                "distill.kl_weight/data_weight", "must be >= 0 and not both 0")
-        _check(self.width_scale > 1, "distill.width_scale", f"must be > 1, got {self.width_scale}")
-        _check(1 <= self.max_rounds <= 3, "distill.max_rounds", f"must be in [1, 3], got {self.max_rounds}")
-        _check(self.n_samples >= 1 and self.sample_bytes >= 16, "distill.n_samples/sample_bytes",
+        check(self.width_scale > 1, "distill.width_scale", f"must be > 1, got {self.width_scale}")
+        check(1 <= self.max_rounds <= 3, "distill.max_rounds", f"must be in [1, 3], got {self.max_rounds}")
+        check(self.n_samples >= 1 and self.sample_bytes >= 16, "distill.n_samples/sample_bytes",
                "need at least one sample of at least 16 bytes")
 
 
@@ -152,10 +153,10 @@ def widen(model: BitTransformerLM, width_scale: float, *, generator: Optional[to
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         new = BitTransformerLM(new_cfg)
     with torch.no_grad():
-        _copy_into(new, {k: v.cpu() for k, v in model.state_dict().items()})
+        copy_weights_into(new, {k: v.cpu() for k, v in model.state_dict().items()})
         for block in new.body.stack.blocks:
             up, down = block.mlp[0], block.mlp[2]
-            up.weight[old:] = _normal(up.weight[old:].shape, generator)
+            up.weight[old:] = init_normal(up.weight[old:].shape, generator)
             up.bias[old:] = 0.0
             down.weight[:, old:] = 0.0
     return new.to(device=reference.device, dtype=reference.dtype).train(model.training)

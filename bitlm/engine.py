@@ -1,13 +1,14 @@
-"""Single-process training loop: AdamW, LR schedule, accumulation, clipping, AMP, eval in bpb, resume."""
+"""The training loop: restore, train steps, evaluate-and-grow, save (torchtitan's trainer, for one rank).
+
+`fit` takes the whole experiment (an ExperimentConfig) and a Strategy (bitlm.strategy) that says
+how this rank holds the model; `Trainer` holds the run's state between its steps.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,53 +17,17 @@ import torch
 from safetensors import SafetensorError
 
 from . import checkpoint as ckpt
-from .config import DiffusionConfig, ScalingConfig, TrainConfig, to_dict
-from .diffusion import diffusion_loss, evaluate_elbo
-from .evaluation import data_telemetry, prediction_telemetry
-from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, evaluate_bpb,
-                        stream_loss, telemetry_penalty)
-from .parallel import Strategy
+from .config import ExperimentConfig, TrainConfig, to_dict
+from .diffusion import check_diffusion_model, corrupt, diffusion_loss
+from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, model_inputs, stream_loss,
+                        telemetry_penalty)
+from .optim import autocast_factory, build_optimizer, lr_factor, resolve_device  # noqa: F401  (re-exported)
+from .parallel import parallelize
+from .progress import FitResult, NonFiniteLossError, Report, Window
 from .scaling import PlateauDetector, expanded_lr_scale, grow, grown_from
-from .telemetry import detect_metric_drift
-
-Report = Callable[[dict[str, Any], Optional[Path]], None]
-"""Called with (metrics, checkpoint directory or None) at every log, eval, scaling and checkpoint event.
-
-Every rank calls it the same number of times (Ray Train's rule); only the checkpoint writer
-passes a directory. A scaling event carries metrics["event"] == "expand" and "scaling/kind".
-"""
-
-TELEMETRY_KEYS = ("val/K", "val/C", "val/S")  # of the model's predictions; data/C and data/S are the data's
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training met a non-finite loss, gradient norm or weights and stopped; no checkpoint of them was written."""
-
-    def __init__(self, step: int, what: str, checkpoint: Optional[Path]):
-        self.step, self.what, self.checkpoint = step, what, checkpoint
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint was written"
-        super().__init__(f"training step {step}: {what}; training stopped and {kept} "
-                         "(a smaller train.lr, train.lambda_k/c/s or train.grad_clip usually helps)")
-
-    def __reduce__(self):  # Ray sends a worker's exception to the driver pickled; rebuild it from its fields
-        return (type(self), (self.step, self.what, self.checkpoint))
-
-
-class MetricDriftWarning(UserWarning):
-    """A validation telemetry metric moved by more than train.drift_threshold between windows."""
-
-
-@dataclass
-class FitResult:
-    step: int
-    train_seconds: float
-    metrics: dict[str, float]  # the last evaluation
-    history: list[dict[str, float]] = field(default_factory=list)  # every evaluation, in order
-    checkpoint: Optional[Path] = None
-    model: Any = None  # the trained model: a new, larger one when progressive scaling grew it
-    expansions: list[dict[str, Any]] = field(default_factory=list)
-    # data/C and data/S: C and S of the validation bits themselves, beside the model's val/C and val/S
-    data_reference: dict[str, float] = field(default_factory=dict)
+from .strategy import Strategy
+from .validation import (MetricDriftWarning, data_reference, drift, evaluate, telemetry_means,  # noqa: F401
+                         val_loss)
 
 
 def compress_probability(cfg: TrainConfig, step: int) -> float:
@@ -74,54 +39,316 @@ def compress_probability(cfg: TrainConfig, step: int) -> float:
     return cfg.compress_prob * min(1.0, (step - cfg.compress_warmup_steps + 1) / cfg.compress_ramp_steps)
 
 
-def resolve_device(device: Optional[str | torch.device] = None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def fit(model, corpus, cfg: ExperimentConfig | TrainConfig, *, strategy: Optional[Strategy] = None,
+        report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None,
+        resume_from: Optional[str | Path] = "latest", device: Optional[str | torch.device] = None,
+        progress: bool = False, loss: Optional[Callable[[Any, torch.Tensor], LossOutput]] = None) -> FitResult:
+    """Train `model` on `corpus` (a bitlm.data.Corpus) following the experiment `cfg`.
+
+    cfg: its train, diffusion, scaling and parallel sections drive the run (the model is the one
+    given); a bare TrainConfig is the train section of an experiment with default other sections.
+    A causal model learns next-bit prediction; a non-causal one learns masked diffusion per
+    cfg.diffusion (its loss is the ELBO, evaluated as val/elbo_bpb, an upper bound on bpb).
+
+    With `checkpoint_dir`, the writer rank saves step-NNNNNNNN/ checkpoints there; training
+    continues from `resume_from`: "latest" (the newest checkpoint in checkpoint_dir), a checkpoint
+    directory, or None (a fresh start). Same data order, optimizer and RNG state, so the loss curve
+    is the one an uninterrupted run would have produced. A damaged newer checkpoint is skipped with
+    a CheckpointWarning (none loadable: CheckpointError), and temp directories that a kill during a
+    save left behind are removed first.
+
+    A non-finite loss, gradient norm, validation loss or weight stops training with
+    NonFiniteLossError before anything of it is saved; the checkpoints on disk stay the good ones.
+
+    `strategy` (bitlm.parallel.make_strategy) says how this rank holds the model (DDP, FSDP, a
+    pipeline stage) and gives the rank and world size. cfg.scaling grows the model when the
+    validation loss plateaus (bitlm.scaling); the grown model is FitResult.model.
+    `loss(net, byte_batch)` replaces the causal loss as a causal model's training objective
+    (bitlm.distill's distillation loss); evaluation still scores the plain causal loss.
+    """
+    if isinstance(cfg, TrainConfig):
+        cfg = ExperimentConfig(model=model.config, train=cfg)
+    trainer = Trainer(model, corpus, cfg, strategy=strategy or Strategy(), report=report,
+                      checkpoint_dir=checkpoint_dir, device=resolve_device(device), loss=loss)
+    trainer.restore(resume_from)
+    trainer.start()
+    bar = _progress_bar(progress, trainer.cfg, trainer.step)
+    while not trainer.done():
+        trainer.train_step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{trainer.last_loss:.4f}")
+        final = trainer.done()
+        trainer.log(final)
+        if trainer.due("eval_every", final) and trainer.evaluate_and_grow(final):
+            continue  # an expansion is a checkpoint of its own
+        if checkpoint_dir is not None and (final or trainer.due("checkpoint_every", final=False)):
+            trainer.save(final)
+    if bar is not None:
+        bar.close()
+    return trainer.result()
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], Any]:
-    """A zero-argument factory of the autocast context for `precision` on `device`."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    if not use_bf16:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+class Trainer:
+    """One rank's training run: the model, its optimizer and everything a checkpoint restores."""
 
+    def __init__(self, model, corpus, cfg: ExperimentConfig, *, strategy: Strategy, report: Optional[Report],
+                 checkpoint_dir: Optional[str | Path], device: torch.device, loss=None):
+        self.base, self.corpus, self.exp, self.cfg = model, corpus, cfg, cfg.train
+        self.strategy, self.device, self.custom_loss = strategy, device, loss
+        self.emit = report or (lambda metrics, path: None)
+        self.checkpoint_dir = checkpoint_dir
+        self.step, self.train_seconds, self.history, self.expansions = 0, 0.0, [], []
+        self.context_bytes = cfg.train.context_bytes
+        self.saved, self.last_checkpoint = None, None
+        self.detector = PlateauDetector(cfg.scaling.window, cfg.scaling.improve_thresh) if cfg.scaling.enabled else None
+        self.data_reference: Optional[dict[str, float]] = None
+        self.window, self.last_loss, self.grad_norm, self.lr = Window(), math.nan, None, cfg.train.lr
+        # Data-parallel ranks each take batch_size rows of one global batch drawn as a single process
+        # would draw batch_size * world_size rows, so a W-worker run sees exactly the batches of a
+        # 1-worker run with a W times larger batch. A pipeline feeds one batch through all ranks.
+        self.replicas = strategy.n_replicas
+        torch.manual_seed(cfg.train.seed)
 
-def lr_factor(cfg: TrainConfig, step: int, train_seconds: float) -> float:
-    """Multiplier of cfg.lr at `step`; progress follows time instead of steps when a time budget is set."""
-    progress = step / cfg.max_steps
-    if cfg.max_seconds is not None:
-        progress = max(progress, train_seconds / cfg.max_seconds)
-    progress = min(progress, 1.0)
-    if cfg.schedule == "onecycle":
-        # cosine ramp from lr/25 to lr over the warm-up fraction, then cosine down to lr/1e4
-        warm = min(max(cfg.warmup_steps / cfg.max_steps, 1e-3), 0.5)
-        if progress < warm:
-            return 0.04 + 0.96 * (1 - math.cos(math.pi * progress / warm)) / 2
-        t = (progress - warm) / (1 - warm)
-        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return 1.0
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+    def restore(self, resume_from: Optional[str | Path]) -> None:
+        """Read the checkpoint to resume from (its tensors are loaded in start, after wrapping)."""
+        if self.checkpoint_dir is not None and self.strategy.writes_checkpoints:
+            ckpt.remove_stale_temporaries(self.checkpoint_dir)  # left by a kill during a save; the one writer
+        if resume_from == "latest":
+            resume_from = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+        if resume_from is None:
+            return
+        latest = self.last_checkpoint = Path(resume_from)
+        self.saved, saved_config = _read_resume_point(latest)
+        trainer = self.saved[2]
+        self.step, self.train_seconds, self.history = trainer["step"], trainer["train_seconds"], trainer["history"]
+        self.expansions = trainer.get("expansions", [])
+        self.context_bytes = trainer.get("context_bytes", self.context_bytes)
+        if self.detector is not None and "plateau" in trainer:
+            self.detector.load_state_dict(trainer["plateau"])
+        if saved_config != self.base.config:
+            if not grown_from(self.base.config, saved_config):
+                raise ValueError(f"{latest}: the checkpoint holds a different model ({saved_config}) than the one "
+                                 f"requested ({self.base.config}); start a new run (another name or directory)")
+            self.base = type(self.base)(saved_config)  # the run grew before it stopped: continue with the grown shape
 
+    def start(self) -> None:
+        """Check the run, place and wrap the model, build the optimizer and load the resumed state."""
+        base, cfg, strategy = self.base.to(self.device), self.cfg, self.strategy
+        self.base = base
+        _check_context(base, self.context_bytes)
+        # S compares bits with the corpus for either representation (the byte model's bytes as bits)
+        base.set_reference_marginals(self.corpus.phase_marginals(base.config.parity))
+        strategy.check(base, cfg, self.exp.diffusion)
+        if not base.config.causal:
+            check_diffusion_model(base.config)
+        if self.detector is not None and strategy.name == "pipeline":
+            raise ValueError("scaling.enabled: progressive scaling is not available with the pipeline strategy")
+        if self.custom_loss is not None and (not base.config.causal or cfg.compress_prob > 0 or strategy.owns_backward):
+            raise ValueError("fit(loss=...): a custom objective needs a causal model, train.compress_prob=0 and a "
+                             "strategy that leaves the backward pass to fit (not the pipeline strategy)")
+        if cfg.compress_prob > 0 and (base.config.n_streams < 2 or not base.config.causal):
+            raise ValueError("train.compress_prob > 0 needs a causal model with model.n_streams >= 2 "
+                             f"(got n_streams={base.config.n_streams}, causal={base.config.causal})")
+        self._prepare_qat()
+        self.n_parameters = base.num_parameters()  # of the whole model, before a strategy shards or splits it
+        self._build()
+        if self.saved is not None:
+            strategy.load_full_state(base, self.optimizer, self.saved[0], self.saved[1])
+            ckpt.restore_rng(self.last_checkpoint)
+            self.saved = None
+        self.autocast = autocast_factory(cfg.precision, self.device)
+        self.bytes_seen = float(self.history[-1].get("bytes_seen", 0)) if self.history else 0.0
+        self.metrics: dict[str, float] = self.history[-1] if self.history else {}
+        self._set_context(self.context_bytes)
+        self.base.train()
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weights of linear layers only (not biases, norms or embeddings)."""
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    def _prepare_qat(self) -> None:
+        """train.qat: fake-quantize the linear layers, before the optimizer and any wrapper see them."""
+        if self.cfg.qat:
+            from .quantization import prepare_qat
 
+            prepare_qat(self.base, self.cfg.qat_group_size)
 
-def telemetry_means(model, byte_batch: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
-    """Mean K, C, S of what the model predicts for one byte batch (bitlm.evaluation.prediction_telemetry)."""
-    return prediction_telemetry(model, byte_batch, seed=seed)
+    def _build(self) -> None:
+        parallel = self.exp.parallel
+        self.net = parallelize(self.base, self.strategy, activation_checkpointing=parallel.activation_checkpointing,
+                               compile=self.cfg.compile)
+        self.optimizer = build_optimizer(self.base, self.cfg)
+
+    def _set_context(self, context_bytes: int) -> None:
+        self.context_bytes = context_bytes
+        # every rank scores the same eval_batches global batches: W workers evaluate what one worker with
+        # a W-times batch evaluates, so their curves are comparable
+        self.eval_cfg = dataclasses.replace(self.cfg, context_bytes=context_bytes,
+                                            batch_size=self.cfg.batch_size * self.replicas)
+        drawn = self.corpus.train.random_batches(self.cfg.batch_size * self.replicas, context_bytes,
+                                                 seed=self.cfg.seed, start_step=self.step * self.cfg.grad_accum_steps)
+        rank, size = self.strategy.rank, self.cfg.batch_size
+        self.batches = drawn if self.replicas == 1 else (b[rank * size:(rank + 1) * size] for b in drawn)
+
+    def done(self) -> bool:
+        cfg = self.cfg
+        return self.step >= cfg.max_steps or (cfg.max_seconds is not None and self.train_seconds >= cfg.max_seconds)
+
+    def due(self, every: str, final: bool) -> bool:
+        """Whether the step just taken is one of every `train.<every>` steps (or the final one)."""
+        n = getattr(self.cfg, every)
+        return final or bool(n and self.step % n == 0)
+
+    def objective(self, batch: torch.Tensor, micro_index: int, progress: float) -> tuple[LossOutput, dict]:
+        """The training loss of one micro-batch and its statistics (compression-aware training's)."""
+        cfg, mc, net = self.cfg, self.base.config, self.net
+        if not mc.causal:
+            # one generator per micro-batch, seeded by its index, keeps resumed runs exact
+            noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
+            noised = corrupt(mc, batch.to(self.device), schedule=self.exp.diffusion.noise_schedule, generator=noise,
+                             progress=progress, curriculum=self.exp.diffusion.curriculum)
+            logits, _ = net(noised.inputs, causal=False, **noised.forward_kwargs())
+            return diffusion_loss(logits, noised, mc.bits_per_byte), {}
+        if self.custom_loss is not None:
+            return self.custom_loss(net, batch), {}
+        p = compress_probability(cfg, micro_index // cfg.grad_accum_steps)
+        picked = np.random.default_rng([cfg.seed, micro_index, 7]).random(batch.shape[0]) < p if p else None
+        if picked is None or not picked.any():
+            return self._causal(batch), ({} if picked is None else {"compressed_fraction": 0.0})
+        ids, mask, ratio = compressed_rows(batch[torch.from_numpy(picked)], mc.parity)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        stream = torch.full((ids.shape[0],), COMPRESSED_STREAM, device=self.device)
+        compressed = stream_loss(net(ids, causal=True, stream=stream)[0], ids, mask)
+        stats = {"compressed_fraction": float(picked.mean()), "compression_ratio": ratio}
+        if picked.all():
+            zero = compressed.new_zeros(())
+            return LossOutput(loss=compressed, nll_bits=zero.detach(), n_bytes=0), stats
+        text = self._causal(batch[torch.from_numpy(~picked)])
+        mixed = (text.loss * (~picked).sum() + compressed * picked.sum()) / batch.shape[0]
+        return dataclasses.replace(text, loss=mixed), stats
+
+    def _causal(self, batch: torch.Tensor) -> LossOutput:
+        ids = model_inputs(self.base.config, batch.to(self.device))
+        return causal_loss(self.net(ids, causal=True)[0], ids, self.base.config)
+
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum_steps micro-batches."""
+        cfg, strategy = self.cfg, self.strategy
+        t0 = time.perf_counter()
+        self.lr = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
+        if self.expansions:
+            self.lr *= expanded_lr_scale(self.exp.scaling, len(self.expansions), self.step - self.expansions[-1]["step"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        for micro in range(cfg.grad_accum_steps):
+            stats = {}
+            if strategy.owns_backward:
+                with self.autocast():
+                    out = strategy.forward_backward(next(self.batches), 1.0 / cfg.grad_accum_steps)
+                self._check_finite(float(out.loss), "the training loss")
+            else:
+                with self.autocast():
+                    out, stats = self.objective(next(self.batches), self.step * cfg.grad_accum_steps + micro,
+                                                self.step / cfg.max_steps)
+                    penalty = telemetry_penalty(out, self.base.reference_marginals, self.base.config.bits_per_byte,
+                                                lambda_k=cfg.lambda_k, lambda_c=cfg.lambda_c, lambda_s=cfg.lambda_s)
+                ((out.loss if penalty is None else out.loss + penalty) / cfg.grad_accum_steps).backward()
+                self._check_finite(float(out.loss.detach()), "the training loss")
+                if penalty is not None:
+                    self._check_finite(float(penalty.detach()), "the telemetry penalty (train.lambda_k/c/s)")
+            self.last_loss = float(out.loss.detach())
+            self.window.add(out, self.last_loss, 1.0 / cfg.grad_accum_steps, stats)
+        self.grad_norm = strategy.clip_grad_norm(self.base, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if self.grad_norm is not None:
+            self.grad_norm = float(self.grad_norm)
+            self._check_finite(self.grad_norm, "the gradient norm")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.train_seconds += dt
+        self.window.seconds += dt
+        self.window.n_steps += 1
+        self.bytes_per_step = cfg.batch_size * self.context_bytes * cfg.grad_accum_steps * self.replicas
+        self.bytes_seen += self.bytes_per_step
+
+    def _check_finite(self, value: float, what: str) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.step + 1, f"{what} is {value}", self.last_checkpoint)
+
+    def log(self, final: bool) -> None:
+        """Report the window's training metrics every train.log_every steps and at the end."""
+        if not self.due("log_every", final):
+            return
+        w, bpb = self.window, self.base.config.bits_per_byte
+        bytes_per_s = w.n_steps * self.bytes_per_step / w.seconds
+        self.emit({"step": self.step, "train_seconds": self.train_seconds, "lr": self.lr,
+                   "train/loss": w.loss / w.n_steps, "train/bpb": w.bits / max(w.n_bytes, 1),
+                   "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * bpb,
+                   "grad_norm": self.grad_norm if self.grad_norm is not None else 0.0,
+                   "bytes_seen": self.bytes_seen, "bits_seen": self.bytes_seen * bpb,
+                   "model/n_parameters": self.n_parameters}
+                  | {f"train/{k}": v / w.n_steps for k, v in w.stats.items()}, None)
+        self.window = Window()
+
+    def evaluate_and_grow(self, final: bool) -> bool:
+        """Evaluate, warn on drift and, on a plateau, grow the model; True when it grew (and was saved)."""
+        metrics = evaluate(self.base, self.corpus, self.eval_cfg, self.autocast, self.exp.diffusion,
+                           strategy=self.strategy)
+        metrics |= {"step": self.step, "train_seconds": self.train_seconds, "bytes_seen": self.bytes_seen}
+        if not math.isfinite(val_loss(metrics)):
+            raise NonFiniteLossError(self.step, f"the validation loss is {val_loss(metrics)}", self.last_checkpoint)
+        if self.data_reference is None or final:  # the data's own C and S: measured once (per context size),
+            self.data_reference = self.data_reference or data_reference(self.base, self.corpus, self.eval_cfg)
+            metrics |= self.data_reference  # reported at the first and the last evaluation
+        self.history.append(metrics)
+        metrics |= drift(self.history, self.cfg)
+        self.metrics = metrics
+        self.emit(metrics, None)
+        if self.detector is None or final or not self.detector.update(val_loss(metrics)):
+            return False
+        grown = grow(self.base, self.strategy, self.exp.scaling, self.expansions, self.context_bytes, self.corpus,
+                     self.step, self.cfg.seed)
+        if grown is None:
+            return False
+        self.base, event = grown
+        self._prepare_qat()
+        self.detector.reset()
+        self._build()
+        self.expansions.append(event)
+        self.n_parameters = event["n_parameters"]
+        if event["kind"] == "context":
+            self._set_context(self.context_bytes * 2)
+            self.data_reference = None  # longer windows: the data's C and S are measured again
+        self.emit({"step": self.step, "event": "expand", "scaling/kind": event["kind"],
+                   "scaling/expansions": len(self.expansions), "scaling/logit_change": event["logit_change"],
+                   "model/n_parameters": event["n_parameters"], "context_bytes": self.context_bytes}, None)
+        self.save(final=False)  # every expansion is a checkpoint
+        return True
+
+    def save(self, final: bool) -> None:
+        """Gather the full state (every rank), write a checkpoint (the writer) and report it."""
+        if self.checkpoint_dir is None:
+            return
+        gathered = self.strategy.full_state(self.base, self.optimizer)  # collective: every rank takes part
+        path = None
+        if self.strategy.writes_checkpoints:
+            bad = _non_finite_weight(gathered[0] if gathered is not None else self.base.state_dict())
+            if bad is not None:
+                raise NonFiniteLossError(self.step, f"weight {bad} is not finite after the optimizer step",
+                                         self.last_checkpoint)
+            trainer = {"step": self.step, "train_seconds": self.train_seconds, "history": self.history,
+                       "train": to_dict(self.cfg), "context_bytes": self.context_bytes, "expansions": self.expansions}
+            if self.detector is not None:
+                trainer["plateau"] = self.detector.state_dict()
+            path = self.last_checkpoint = ckpt.save_checkpoint(ckpt.step_directory(self.checkpoint_dir, self.step),
+                                                               self.base, self.optimizer, trainer, state=gathered)
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+        self.emit({"step": self.step, "final": final}, path)
+
+    def result(self) -> FitResult:
+        return FitResult(step=self.step, train_seconds=self.train_seconds, metrics=self.metrics, history=self.history,
+                         checkpoint=self.last_checkpoint, model=self.base, expansions=self.expansions,
+                         data_reference=self.data_reference or {})
 
 
 def _non_finite_weight(state: dict[str, torch.Tensor]) -> Optional[str]:
@@ -130,269 +357,6 @@ def _non_finite_weight(state: dict[str, torch.Tensor]) -> Optional[str]:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return name
     return None
-
-
-def fit(model, corpus, cfg: TrainConfig, *, diffusion: Optional[DiffusionConfig] = None,
-        report: Optional[Report] = None, checkpoint_dir: Optional[str | Path] = None, resume: bool = True,
-        device: Optional[str | torch.device] = None, rank: int = 0, world_size: int = 1,
-        progress: bool = False, strategy: Optional[Strategy] = None, resume_from: Optional[str | Path] = None,
-        scaling: Optional[ScalingConfig] = None, loss: Optional[Callable[[Any, torch.Tensor], LossOutput]] = None
-        ) -> FitResult:
-    """Train `model` on `corpus` (a bitlm.data.Corpus) following `cfg`.
-
-    A causal model learns next-bit prediction; a non-causal one learns masked diffusion per
-    `diffusion` (its loss is the ELBO, evaluated as val/elbo_bpb, an upper bound on bpb).
-
-    With `checkpoint_dir`, the writer rank saves step-NNNNNNNN/ checkpoints there and, when `resume`,
-    training continues from the newest one (or from `resume_from`): same data order, optimizer and
-    RNG state, so the loss curve is the one an uninterrupted run would have produced. A damaged
-    newer checkpoint is skipped with a CheckpointWarning (none loadable: CheckpointError), and
-    temp directories that a kill during a save left behind are removed first.
-
-    A non-finite loss, gradient norm, validation loss or weight stops training with
-    NonFiniteLossError before anything of it is saved; the checkpoints on disk stay the good ones.
-
-    `strategy` (bitlm.parallel) says how this rank holds the model (DDP, FSDP, a pipeline stage);
-    its rank and world size override `rank`/`world_size`. `scaling` grows the model when the
-    validation loss plateaus (bitlm.scaling); the grown model is FitResult.model.
-    `loss(net, byte_batch)` replaces objective.causal_loss as a causal model's training objective
-    (bitlm.distill's distillation loss); evaluation still scores the plain causal loss.
-    """
-    device = resolve_device(device)
-    strategy = strategy or Strategy(rank=rank, world_size=world_size)
-    rank, world_size = strategy.rank, strategy.world_size
-    diffusion = diffusion or DiffusionConfig()
-    scaling = scaling or ScalingConfig()
-    torch.manual_seed(cfg.seed)
-
-    step, train_seconds, history, expansions = 0, 0.0, [], []
-    context_bytes = cfg.context_bytes
-    if checkpoint_dir is not None and strategy.writes_checkpoints:
-        ckpt.remove_stale_temporaries(checkpoint_dir)  # left by a kill during a save; this rank is the one writer
-    latest = Path(resume_from) if resume_from else (
-        ckpt.latest_checkpoint(checkpoint_dir) if (checkpoint_dir and resume) else None)
-    saved = None
-    if latest is not None:
-        saved, saved_config = _read_resume_point(latest)
-        trainer = saved[2]
-        step, train_seconds, history = trainer["step"], trainer["train_seconds"], trainer["history"]
-        expansions = trainer.get("expansions", [])
-        context_bytes = trainer.get("context_bytes", context_bytes)
-        if saved_config != model.config:
-            if not grown_from(model.config, saved_config):
-                raise ValueError(f"{latest}: the checkpoint holds a different model ({saved_config}) than the one "
-                                 f"requested ({model.config}); start a new run (another name or directory)")
-            model = type(model)(saved_config)  # the run grew before it stopped: continue with the grown shape
-    base = model.to(device)
-    _check_context(base, context_bytes)
-    # S compares bits with the corpus for either representation (the byte model's bytes as bits)
-    base.set_reference_marginals(corpus.phase_marginals(base.config.parity))
-    strategy.check(base, cfg, diffusion)
-    if scaling.enabled:
-        if strategy.name == "pipeline":
-            raise ValueError("scaling.enabled: progressive scaling is not available with the pipeline strategy")
-        detector = PlateauDetector(scaling.window, scaling.improve_thresh)
-        if saved is not None and "plateau" in saved[2]:
-            detector.load_state_dict(saved[2]["plateau"])
-    if cfg.qat:  # before the optimizer and any wrapper: they see the fake-quantized layers
-        from .quantization import prepare_qat
-
-        prepare_qat(base, cfg.qat_group_size)
-    n_parameters = base.num_parameters()  # of the whole model, before a strategy shards or splits it
-    net = strategy.wrap(base)
-    optimizer = build_optimizer(base, cfg)
-    if saved is not None:
-        strategy.load_full_state(base, optimizer, saved[0], saved[1])
-        ckpt.restore_rng(latest)
-        saved = None
-    autocast = autocast_factory(cfg.precision, device)
-    if cfg.compile:
-        net = torch.compile(net)
-    evaluate_fn = strategy.evaluate or evaluate
-
-    if loss is not None and (not base.config.causal or cfg.compress_prob > 0 or strategy.owns_backward):
-        raise ValueError("fit(loss=...): a custom objective needs a causal model, train.compress_prob=0 and a "
-                         "strategy that leaves the backward pass to fit (not the pipeline strategy)")
-    if cfg.compress_prob > 0 and (base.config.n_streams < 2 or not base.config.causal):
-        raise ValueError("train.compress_prob > 0 needs a causal model with model.n_streams >= 2 "
-                         f"(got n_streams={base.config.n_streams}, causal={base.config.causal})")
-
-    def objective(batch, micro_index: int, progress: float) -> tuple[LossOutput, dict[str, float]]:
-        if not base.config.causal:
-            # one generator per micro-batch, seeded by its index, keeps resumed runs exact
-            noise = torch.Generator().manual_seed(cfg.seed * 1_000_003 + micro_index)
-            return diffusion_loss(net, batch, schedule=diffusion.noise_schedule, generator=noise,
-                                  progress=progress, curriculum=diffusion.curriculum), {}
-        if loss is not None:
-            return loss(net, batch), {}
-        p = compress_probability(cfg, micro_index // cfg.grad_accum_steps)
-        if p == 0:
-            return causal_loss(net, batch), {}
-        picked = np.random.default_rng([cfg.seed, micro_index, 7]).random(batch.shape[0]) < p
-        if not picked.any():
-            return causal_loss(net, batch), {"compressed_fraction": 0.0}
-        ids, mask, ratio = compressed_rows(batch[torch.from_numpy(picked)], base.config.parity)
-        compressed = stream_loss(net, ids, mask, COMPRESSED_STREAM)
-        stats = {"compressed_fraction": float(picked.mean()), "compression_ratio": ratio}
-        if picked.all():
-            zero = compressed.new_zeros(())
-            return LossOutput(loss=compressed, nll_bits=zero.detach(), n_bytes=0), stats
-        text = causal_loss(net, batch[torch.from_numpy(~picked)])
-        mixed = (text.loss * (~picked).sum() + compressed * picked.sum()) / batch.shape[0]
-        return dataclasses.replace(text, loss=mixed), stats
-
-    # Data-parallel ranks each take batch_size rows of one global batch drawn as a single process
-    # would draw batch_size * world_size rows, so a W-worker run sees exactly the batches of a
-    # 1-worker run with a W times larger batch. A pipeline feeds one batch through all ranks.
-    replicas = 1 if strategy.owns_backward else world_size
-
-    def make_batches(context: int):
-        drawn = corpus.train.random_batches(cfg.batch_size * replicas, context, seed=cfg.seed,
-                                            start_step=step * cfg.grad_accum_steps)
-        if replicas == 1:
-            return drawn
-        return (batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for batch in drawn)
-
-    batches = make_batches(context_bytes)
-    # every rank scores the same eval_batches global batches: W workers evaluate what one worker with
-    # a W-times batch evaluates, so their curves are comparable
-    eval_cfg = dataclasses.replace(cfg, context_bytes=context_bytes, batch_size=cfg.batch_size * replicas)
-    bytes_seen = float(history[-1].get("bytes_seen", 0)) if history else 0.0
-    emit = report or (lambda metrics, path: None)
-    bar = _progress_bar(progress, cfg, step)
-    window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
-    window_stats: dict[str, float] = {}  # per-step means of objective statistics (compression)
-    last_checkpoint = latest
-    data_reference: Optional[dict[str, float]] = None
-    metrics: dict[str, float] = history[-1] if history else {}
-
-    def save(final: bool) -> None:
-        nonlocal last_checkpoint
-        if checkpoint_dir is None:
-            return
-        gathered = strategy.full_state(base, optimizer)  # collective: every rank takes part
-        path = None
-        if strategy.writes_checkpoints:
-            bad = _non_finite_weight(gathered[0] if gathered is not None else base.state_dict())
-            if bad is not None:
-                raise NonFiniteLossError(step, f"weight {bad} is not finite after the optimizer step", last_checkpoint)
-            trainer = {"step": step, "train_seconds": train_seconds, "history": history, "train": to_dict(cfg),
-                       "context_bytes": context_bytes, "expansions": expansions}
-            if scaling.enabled:
-                trainer["plateau"] = detector.state_dict()
-            path = last_checkpoint = ckpt.save_checkpoint(ckpt.step_directory(checkpoint_dir, step), base,
-                                                          optimizer, trainer, state=gathered)
-            ckpt.prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints)
-        emit({"step": step, "final": final}, path)
-
-    base.train()
-    while step < cfg.max_steps and (cfg.max_seconds is None or train_seconds < cfg.max_seconds):
-        t0 = time.perf_counter()
-        lr = cfg.lr * lr_factor(cfg, step, train_seconds)
-        if expansions:
-            lr *= expanded_lr_scale(scaling, len(expansions), step - expansions[-1]["step"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum_steps):
-            if strategy.owns_backward:
-                with autocast():
-                    out = strategy.forward_backward(next(batches), 1.0 / cfg.grad_accum_steps)
-                loss_value = float(out.loss)
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(step + 1, f"the training loss is {loss_value}", last_checkpoint)
-                window_loss += loss_value / cfg.grad_accum_steps
-                window_bits += float(out.nll_bits)
-                window_bytes += out.n_bytes
-                continue
-            with autocast():
-                out, stats = objective(next(batches), step * cfg.grad_accum_steps + micro, step / cfg.max_steps)
-                penalty = telemetry_penalty(out, base.reference_marginals, base.config.bits_per_byte,
-                                            lambda_k=cfg.lambda_k, lambda_c=cfg.lambda_c, lambda_s=cfg.lambda_s)
-            ((out.loss if penalty is None else out.loss + penalty) / cfg.grad_accum_steps).backward()
-            loss_value = float(out.loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(step + 1, f"the training loss is {loss_value}", last_checkpoint)
-            if penalty is not None and not math.isfinite(penalty_value := float(penalty.detach())):
-                raise NonFiniteLossError(step + 1, f"the telemetry penalty (train.lambda_k/c/s) is {penalty_value}",
-                                         last_checkpoint)
-            window_loss += loss_value / cfg.grad_accum_steps
-            window_bits += float(out.nll_bits)
-            window_bytes += out.n_bytes
-            for key, value in stats.items():
-                window_stats[key] = window_stats.get(key, 0.0) + value / cfg.grad_accum_steps
-        grad_norm = strategy.clip_grad_norm(base, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if grad_norm is not None and not math.isfinite(grad_norm := float(grad_norm)):
-            raise NonFiniteLossError(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - t0
-        step += 1
-        train_seconds += dt
-        window_time += dt
-        window_steps += 1
-        if bar is not None:
-            bar.update(1)
-
-        final = step >= cfg.max_steps or (cfg.max_seconds is not None and train_seconds >= cfg.max_seconds)
-        bytes_per_step = cfg.batch_size * context_bytes * cfg.grad_accum_steps * replicas
-        bytes_seen += bytes_per_step
-        if step % cfg.log_every == 0 or final:
-            bytes_per_s = window_steps * bytes_per_step / window_time
-            emit({"step": step, "train_seconds": train_seconds, "lr": lr,
-                  "train/loss": window_loss / window_steps, "train/bpb": window_bits / max(window_bytes, 1),
-                  "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * base.config.bits_per_byte,
-                  "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                  "bytes_seen": bytes_seen, "bits_seen": bytes_seen * base.config.bits_per_byte,
-                  "model/n_parameters": n_parameters}
-                 | {f"train/{k}": v / window_steps for k, v in window_stats.items()}, None)
-            if bar is not None:
-                bar.set_postfix(loss=f"{window_loss / window_steps:.4f}", bpb=f"{window_bits / max(window_bytes, 1):.3f}")
-            window_loss, window_bits, window_bytes, window_time, window_steps = 0.0, 0.0, 0, 0.0, 0
-            window_stats = {}
-        if step % cfg.eval_every == 0 or final:
-            metrics = evaluate_fn(base, corpus, eval_cfg, autocast, diffusion) | {
-                "step": step, "train_seconds": train_seconds, "bytes_seen": bytes_seen}
-            if not math.isfinite(_val_loss(metrics)):
-                raise NonFiniteLossError(step, f"the validation loss is {_val_loss(metrics)}", last_checkpoint)
-            if data_reference is None or final:  # the data's own C and S: measured once (per context size),
-                data_reference = data_reference or _data_reference(base, corpus, eval_cfg)
-                metrics |= data_reference  # reported at the first and the last evaluation
-            history.append(metrics)
-            metrics |= _drift(history, cfg)
-            emit(metrics, None)
-            if scaling.enabled and not final and detector.update(_val_loss(metrics)):
-                grown = grow(base, strategy, scaling, expansions, context_bytes, corpus, step, cfg.seed)
-                if grown is not None:
-                    base, event = grown
-                    if cfg.qat:
-                        from .quantization import prepare_qat
-
-                        prepare_qat(base, cfg.qat_group_size)
-                    detector.reset()
-                    net = strategy.wrap(base)
-                    if cfg.compile:
-                        net = torch.compile(net)
-                    optimizer = build_optimizer(base, cfg)
-                    expansions.append(event)
-                    n_parameters = event["n_parameters"]
-                    if event["kind"] == "context":
-                        context_bytes *= 2
-                        eval_cfg = dataclasses.replace(eval_cfg, context_bytes=context_bytes)
-                        data_reference = None  # longer windows: the data's C and S are measured again
-                        batches = make_batches(context_bytes)
-                    emit({"step": step, "event": "expand", "scaling/kind": event["kind"],
-                          "scaling/expansions": len(expansions), "scaling/logit_change": event["logit_change"],
-                          "model/n_parameters": event["n_parameters"], "context_bytes": context_bytes}, None)
-                    save(final=False)  # every expansion is a checkpoint
-                    continue
-        if checkpoint_dir is not None and (final or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save(final)
-    if bar is not None:
-        bar.close()
-    return FitResult(step=step, train_seconds=train_seconds, metrics=metrics, history=history,
-                     checkpoint=last_checkpoint, model=base, expansions=expansions, data_reference=data_reference or {})
 
 
 def _read_resume_point(path: Path):
@@ -409,52 +373,6 @@ def _check_context(model, context_bytes: int) -> None:
     if ids > model.config.max_input_ids:
         raise ValueError(f"train.context_bytes={context_bytes} needs {ids} input ids but the model takes "
                          f"{model.config.max_input_ids} (model.max_seq_len={model.config.max_seq_len})")
-
-
-def _val_loss(metrics: dict[str, float]) -> float:
-    return metrics["val/bpb"] if "val/bpb" in metrics else metrics["val/elbo_bpb"]
-
-
-def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None
-             ) -> dict[str, float]:
-    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.eval_batches batches, plus K/C/S of the
-    model's predictions on the first batch."""
-    val = corpus.val if corpus.val.n_windows else corpus.train
-    batches = list(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=cfg.eval_batches))
-    if model.config.causal:
-        result = evaluate_bpb(model, batches, autocast=autocast)
-        scores = {"val/bpb": result["bpb"], "val/n_bytes": result["n_bytes"]}
-    else:
-        schedule = (diffusion or DiffusionConfig()).noise_schedule
-        result = evaluate_elbo(model, batches, schedule=schedule, seed=cfg.seed)
-        scores = {"val/elbo_bpb": result["elbo_bpb"], "val/n_bytes": result["n_bytes"]}
-    tel = telemetry_means(model, batches[0], seed=cfg.seed)
-    return scores | {"val/K": tel["K"], "val/C": tel["C"], "val/S": tel["S"]}
-
-
-def _data_reference(model, corpus, cfg: TrainConfig) -> dict[str, float]:
-    """data/C and data/S: C and S of the first validation batch's own bits (what val/C and val/S predict)."""
-    val = corpus.val if corpus.val.n_windows else corpus.train
-    first = next(iter(val.sequential_batches(cfg.batch_size, cfg.context_bytes, max_batches=1)))
-    return {f"data/{name}": value for name, value in data_telemetry(model, first).items()}
-
-
-def _drift(history: list[dict[str, float]], cfg: TrainConfig) -> dict[str, float]:
-    """Warn (MetricDriftWarning, naming the metric) when val K/C/S drop; returns drift/<metric> deltas either way.
-
-    val K/C/S describe the model's predictions, so they rise while it learns (S from near 0 toward
-    data/S); only a drop (predictions losing confidence, collapsing into loops, leaving the corpus'
-    byte structure) is worth a warning.
-    """
-    series = [{k: h[k] for k in TELEMETRY_KEYS if k in h} for h in history]
-    drifted = detect_metric_drift(series, window=cfg.drift_window, threshold=cfg.drift_threshold)
-    for name, delta in drifted.items():
-        if delta >= 0:
-            continue
-        warnings.warn(f"{name} drifted by {delta:+.3f} (mean of the last {cfg.drift_window} evaluations vs "
-                      f"the {cfg.drift_window} before; threshold {cfg.drift_threshold})", MetricDriftWarning,
-                      stacklevel=3)
-    return {f"drift/{name}": delta for name, delta in drifted.items()}
 
 
 def _progress_bar(enabled: bool, cfg: TrainConfig, start: int):

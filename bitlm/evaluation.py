@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import telemetry as tm
 from .codec import bit_table, bytes_to_bit_tensor, bytes_to_bits
-from .diffusion import _mask_exactly, evaluate_elbo
+from .diffusion import evaluate_elbo, mask_exactly
 from .model import MASK
+from .modes import eval_mode
 from .objective import LN2, model_inputs
 from .sampling import infer_long_sequence
 
@@ -70,7 +73,7 @@ def _telemetry_of_text(model, data: bytes, logits: torch.Tensor | None = None) -
 
 
 @torch.no_grad()
-def prediction_telemetry(model, byte_batch: torch.Tensor, *, seed: int = 0) -> dict[str, float]:
+def prediction_telemetry(model, byte_batch: torch.Tensor, *, seed: int = 0, logits_of=None) -> Optional[dict[str, float]]:
     """Mean K, C and S of what the model predicts for a (B, L) byte batch, teacher-forced (eval mode).
 
     Causal: the prediction of every bit of bytes 1..L-1 (the bits bpb scores) from the bits before
@@ -78,17 +81,15 @@ def prediction_telemetry(model, byte_batch: torch.Tensor, *, seed: int = 0) -> d
     phase with the reference marginals. The byte baseline's bit probabilities are sums of its
     256-way distribution (its K stays the byte entropy / 8). Diffusion: half of the bits (bytes,
     patched) masked by a mask seeded with `seed`; K and S read the masked positions, C the bits
-    with the masked ones replaced by the argmax.
+    with the masked ones replaced by the argmax. logits_of(ids): a causal model's logits (default
+    its forward); None from it (a pipeline rank without logits) makes the result None.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids = model_inputs(model, byte_batch.to(next(model.parameters()).device))
-        if model.config.causal:
-            return causal_prediction_telemetry(model, ids, model(ids)[0])
-        return _diffusion_prediction_telemetry(model, ids, seed)
-    finally:
-        model.train(was_training)
+        if not model.config.causal:
+            return _diffusion_prediction_telemetry(model, ids, seed)
+        logits = logits_of(ids) if logits_of is not None else model(ids)[0]
+        return None if logits is None else causal_prediction_telemetry(model, ids, logits)
 
 
 def causal_prediction_telemetry(model, ids: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
@@ -114,7 +115,7 @@ def _diffusion_prediction_telemetry(model, ids: torch.Tensor, seed: int) -> dict
     bpb, byte_level = cfg.bits_per_byte, cfg.arch == "patched"
     n_units = ids.shape[1] // bpb if byte_level else ids.shape[1]
     counts = torch.full((ids.shape[0],), max(1, n_units // 2))
-    masked = _mask_exactly(counts, n_units, torch.Generator().manual_seed(seed)).to(ids.device)
+    masked = mask_exactly(counts, n_units, torch.Generator().manual_seed(seed)).to(ids.device)
     if byte_level:
         masked = masked.repeat_interleave(bpb, dim=1)
     logits, _ = model(torch.where(masked, torch.full_like(ids, MASK), ids), causal=False,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import telemetry as tm
 from .codec import bytes_to_bit_tensor, bytes_to_bits
 from .compression import compress_batch
+from .modes import eval_mode
 
 LN2 = math.log(2.0)
 
@@ -34,26 +35,34 @@ class LossOutput:
 
 
 def model_inputs(model, byte_windows: torch.Tensor) -> torch.Tensor:
-    """The id sequence a model reads for (B, L) byte windows: bits (B, L*bpb) or the bytes themselves."""
-    if model.config.representation == "bit":
-        return bytes_to_bit_tensor(byte_windows, parity=model.config.parity)
+    """The id sequence a model (or ModelConfig) reads for (B, L) byte windows: bits (B, L*bpb) or the bytes."""
+    cfg = getattr(model, "config", model)
+    if cfg.representation == "bit":
+        return bytes_to_bit_tensor(byte_windows, parity=cfg.parity)
     return byte_windows.long()
 
 
-def causal_loss(model, byte_windows: torch.Tensor) -> LossOutput:
-    """Next-position cross-entropy on a (B, L) uint8 batch, with the bpb numerator and denominator."""
-    ids = model_inputs(model, byte_windows.to(_device_of(model)))
-    logits, _ = model(ids, causal=True)
+def causal_loss(logits: torch.Tensor, ids: torch.Tensor, cfg) -> LossOutput:
+    """Next-position cross-entropy of (B, T, V) logits for (B, T) ids, with the bpb numerator and denominator.
+
+    `cfg` is the model's ModelConfig (it says how many ids make a byte).
+    """
     per_position = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)  # (B, T-1): entry t is the loss of position t+1
-    first_scored = model.config.ids_per_byte - 1  # first id of byte 1, minus the shift
+    first_scored = cfg.ids_per_byte - 1  # first id of byte 1, minus the shift
     nll_bits = per_position[:, first_scored:].detach().sum() / LN2
-    n_bytes = byte_windows.shape[0] * (byte_windows.shape[1] - 1)
+    n_bytes = ids.shape[0] * (ids.shape[1] // cfg.ids_per_byte - 1)
     p_one = None
-    if model.config.representation == "bit":  # logits[:, t] predicts bit t + 1: start at byte 1's first bit
+    if cfg.representation == "bit":  # logits[:, t] predicts bit t + 1: start at byte 1's first bit
         p_one = logits[:, first_scored:-1].float().softmax(-1)[..., 1]
     return LossOutput(loss=per_position.mean(), nll_bits=nll_bits, n_bytes=n_bytes, p_one=p_one)
+
+
+def batch_loss(model, byte_windows: torch.Tensor) -> LossOutput:
+    """causal_loss of a plain model on a (B, L) uint8 batch: the model's forward, then the loss."""
+    ids = model_inputs(model, byte_windows.to(next(model.parameters()).device))
+    return causal_loss(model(ids, causal=True)[0], ids, model.config)
 
 
 def telemetry_penalty(out: LossOutput, reference: torch.Tensor, bits_per_byte: int, *, lambda_k: float,
@@ -74,34 +83,44 @@ def telemetry_penalty(out: LossOutput, reference: torch.Tensor, bits_per_byte: i
 
 @torch.no_grad()
 def bits_per_byte_over(model, batches, loss_fn) -> tuple[float, int]:
-    """Total bits over total scored bytes of `loss_fn(model, batch)` across batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_bits, total_bytes = 0.0, 0
-    try:
+    """Total bits over total scored bytes of `loss_fn(model, batch)` across batches, in eval mode.
+
+    A loss_fn may return None for a batch this rank does not score (a pipeline's earlier stages);
+    such a rank returns (nan, 0).
+    """
+    total_bits, total_bytes, n_batches, n_scored = 0.0, 0, 0, 0
+    with eval_mode(model):
         for batch in batches:
+            n_batches += 1
             out = loss_fn(model, batch)
+            if out is None:
+                continue
+            n_scored += 1
             total_bits += float(out.nll_bits)
             total_bytes += out.n_bytes
-    finally:
-        model.train(was_training)
+    if n_batches and not n_scored:
+        return math.nan, 0
     if total_bytes == 0:
         raise ValueError("no bytes to score (empty validation set?)")
     return total_bits / total_bytes, total_bytes
 
 
-def evaluate_bpb(model, batches, *, autocast=None) -> dict[str, float]:
-    """Bits per byte of a model over an iterable of (B, L) byte batches."""
+def evaluate_bpb(model, batches, *, autocast=None, logits_of=None) -> dict[str, float]:
+    """Bits per byte of a model over an iterable of (B, L) byte batches.
+
+    logits_of(ids): the causal logits, or None on a rank that does not have them (default: the model's forward).
+    """
+    device = next(model.parameters()).device
+    logits_of = logits_of or (lambda ids: model(ids, causal=True)[0])
+
     def loss_fn(m, batch):
+        ids = model_inputs(m, batch.to(device))
         with autocast() if autocast is not None else contextlib.nullcontext():
-            return causal_loss(m, batch)
+            logits = logits_of(ids)
+            return None if logits is None else causal_loss(logits, ids, m.config)
 
     bpb, n_bytes = bits_per_byte_over(model, batches, loss_fn)
     return {"bpb": bpb, "n_bytes": n_bytes}
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 COMPRESSED_STREAM = 1  # stream id of rows that carry RLE-compressed bits
@@ -125,10 +144,7 @@ def compressed_rows(byte_windows: torch.Tensor, parity: bool) -> tuple[torch.Ten
     return torch.from_numpy(ids), torch.from_numpy(mask), ratio
 
 
-def stream_loss(model, ids: torch.Tensor, mask: torch.Tensor, stream: int) -> torch.Tensor:
-    """Mean next-bit cross-entropy (nats) over the masked targets of rows of another stream."""
-    device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    logits, _ = model(ids, causal=True, stream=torch.full((ids.shape[0],), stream, device=device))
+def stream_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-bit cross-entropy (nats) over the masked targets of (B, T, 2) logits of another stream's ids."""
     ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, 2), ids[:, 1:].reshape(-1), reduction="none")
     return (ce.view_as(mask) * mask).sum() / mask.sum().clamp_min(1)

@@ -8,7 +8,8 @@ import types
 import typing
 from typing import Any, Literal
 
-from .config import _check, _check_value, _hints
+from .fields import check, check_value, field_types
+from .renames import current_key
 
 
 def _coerce(value: str, tp: Any, key: str) -> Any:
@@ -52,9 +53,9 @@ def _parse_int(text: str, key: str) -> int:
         number = decimal.Decimal(text)
     except decimal.InvalidOperation:
         raise ValueError(f"{key}: expected int, got {text!r}") from None
-    _check(number.is_finite() and number == number.to_integral_value(), key, f"expected int, got {text!r}")
+    check(number.is_finite() and number == number.to_integral_value(), key, f"expected int, got {text!r}")
     # building the int of "1e999999999" would take minutes and gigabytes; no field comes near 100 digits
-    _check(number.adjusted() < 100, key, f"{text!r} is out of range")
+    check(number.adjusted() < 100, key, f"{text!r} is out of range")
     return int(number)
 
 
@@ -70,10 +71,11 @@ def apply_overrides(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value, e.g. model.n_layers=8")
         key, value = (part.strip() for part in item.split("=", 1))
+        key = current_key(key)  # a key renamed or moved since (bitlm.renames)
         path = key.split(".")
         tp = _field_type(cfg, path, key)
         coerced = _coerce(value, tp, key)
-        _check_value(coerced, tp, key)
+        check_value(coerced, tp, key)
         node = changes
         for name in path[:-1]:
             node = node.setdefault(name, {})
@@ -94,7 +96,7 @@ def _field_type(cfg: Any, path: list[str], full_key: str) -> Any:
         return _field_type(current, path[1:], full_key)
     if dataclasses.is_dataclass(current):
         raise ValueError(f"override {full_key!r}: {path[0]!r} is a section; set one of its fields")
-    return _hints(type(cfg))[path[0]]
+    return field_types(type(cfg))[path[0]]
 
 
 def _replace_nested(cfg: Any, changes: dict[str, Any]) -> Any:

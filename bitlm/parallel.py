@@ -1,120 +1,65 @@
-"""How one rank of a training run holds and steps the model: single process, DDP or FSDP2.
+"""How one rank of a training run holds the model: DDP or FSDP2, and `parallelize`, which applies them.
 
-Parallelism is applied from outside the model (torchtitan's rule): `engine.fit` asks its
-Strategy to wrap the model before building the optimizer, to clip gradients, and to gather a
-full (unsharded, CPU) state for checkpoints; the model code stays single-device. Only
-torch.distributed is used here; the Ray pipeline sets up the process group. The pipeline-
-parallel strategy lives in bitlm.pipelining.
-
-Optimizer state travels by parameter name (the module path of each parameter in the unwrapped
-model), so a checkpoint written by any strategy loads into any other, or into one process.
+Parallelism is applied from outside the model (torchtitan's rule), in a fixed order: activation
+checkpointing on each block, then torch.compile of each block, then the strategy's wrap (DDP,
+FSDP2, or the pipeline split of bitlm.pipelining); the model code stays single-device. Only
+torch.distributed is used here; the Ray pipeline sets up the process group. The strategy
+contract (bitlm.strategy) and the checkpoint state format (bitlm.state) live below this module.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-STRATEGIES = ("single", "ddp", "fsdp", "pipeline")
-
-
-def named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name: {"state": {name: {...}}, "param_groups": [...]}."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    state = {names[id(p)]: dict(s) for p, s in optimizer.state.items()}
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
-              for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+from .pipelining import PipelineStrategy
+from .state import cpu_optimizer_state, cpu_state, load_named_optimizer_state, named_optimizer_state  # noqa: F401
+from .strategy import STRATEGIES, Strategy, StrategyName  # noqa: F401  (re-exported: the strategy contract)
 
 
-def load_named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, named: dict[str, Any]) -> None:
-    """Inverse of named_optimizer_state for the parameters this optimizer holds (others are ignored)."""
-    params = dict(model.named_parameters())
-    index = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            index[id(p)] = len(index)
-    state, groups = {}, []
-    for group, saved in zip(optimizer.param_groups, named["param_groups"]):
-        held = [n for n in saved["params"] if n in params]
-        if [id(params[n]) for n in held] != [id(p) for p in group["params"]]:
-            raise ValueError("optimizer checkpoint: parameter groups do not match this model "
-                             f"(saved {len(saved['params'])} names, this rank holds {len(group['params'])})")
-        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": [index[id(params[n])] for n in held]})
-        for n in held:
-            if n in named["state"]:
-                state[index[id(params[n])]] = named["state"][n]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def _checkpointed_forward(forward, x: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    if torch.is_grad_enabled():
+        return checkpoint(forward, x, causal=causal, use_reentrant=False)
+    return forward(x, causal=causal)
 
 
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies of a plain module's state dict (torch.compile unwrapped)."""
-    model = getattr(model, "_orig_mod", model)
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recompute each block's activations in backward instead of keeping them (in place; names unchanged).
+
+    Only the plain block forward is checkpointed: decoding with a cache, attention maps and the
+    reversible stack (which keeps no activations anyway) call the blocks' parts directly.
+    """
+    for block in model.body.stack.blocks:
+        if block is not None and not getattr(block, "activation_checkpointing", False):
+            block.forward = functools.partial(_checkpointed_forward, block.forward)
+            block.activation_checkpointing = True
+    return model
 
 
-class Strategy:
-    """Single-process training; the base of every distributed strategy."""
-
-    name = "single"
-    owns_backward = False  # True when forward_backward runs the step (pipeline schedules do)
-
-    def __init__(self, *, rank: int = 0, world_size: int = 1):
-        self.rank = rank
-        self.world_size = world_size
-
-    @property
-    def writes_checkpoints(self) -> bool:
-        return self.rank == 0
-
-    def check(self, model: nn.Module, cfg, diffusion=None) -> None:
-        """Raise ValueError naming the field when the run asks for something this strategy cannot do."""
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Prepare `model` (already on its device) for training; returns the module to run forward on."""
-        return model
-
-    def forward_backward(self, batch: torch.Tensor, scale: float):
-        """Forward and backward of one micro-batch, for strategies with owns_backward; returns a LossOutput."""
-        raise NotImplementedError(f"strategy {self.name!r} lets the engine run forward and backward")
-
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        """Clip the gradients of every parameter of the run to a global norm; returns the norm before clipping."""
-        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-
-    def unwrapped(self, model: nn.Module) -> nn.Module:
-        """A plain single-device model with the run's full current weights, on every rank (for growth)."""
-        return model
-
-    # evaluation: None means engine.evaluate on the model itself (every rank computes the same numbers)
-    evaluate = None
-
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer
-                   ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-        """(model state, named optimizer state) on CPU for the checkpoint writer, None on other ranks.
-
-        Every rank must call it: distributed strategies gather inside.
-        """
-        if not self.writes_checkpoints:
-            return None
-        return cpu_state(model), named_optimizer_state(model, optimizer)
-
-    def load_full_state(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                        model_state: dict[str, torch.Tensor], optimizer_state: Optional[dict[str, Any]]) -> None:
-        """Load a full checkpoint state into this rank's (possibly wrapped or sharded) model and optimizer."""
-        _load_plain(model, model_state)
-        if optimizer is not None and optimizer_state is not None:
-            load_named_optimizer_state(model, optimizer, optimizer_state)
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """torch.compile every block in place (Module.compile keeps parameter names, so checkpoints stay portable)."""
+    for block in model.body.stack.blocks:
+        if block is not None:
+            block.compile()
+    return model
 
 
-def _load_plain(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    target = getattr(model, "_orig_mod", model)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint weights do not match the model (missing {missing}, unexpected {unexpected})")
+def parallelize(model: nn.Module, strategy: Strategy, *, activation_checkpointing: bool = False,
+                compile: bool = False) -> nn.Module:
+    """Apply checkpointing, compile and the strategy's wrap to `model` (on its device), in that order.
+
+    Returns the module to run forward on (the DDP wrapper, or the model itself).
+    """
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+    return strategy.wrap(model)
 
 
 class DDPStrategy(Strategy):
@@ -124,9 +69,7 @@ class DDPStrategy(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         device = next(model.parameters()).device
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        ddp.config = model.config  # the losses read model.config; DDP does not forward attributes
-        return ddp
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 class FSDPStrategy(Strategy):
@@ -170,7 +113,7 @@ class FSDPStrategy(Strategy):
             return None
         persistent = model.state_dict().keys()  # read once: non-persistent buffers stay out of checkpoints
         buffers = {n: b.detach().cpu() for n, b in model.named_buffers() if n in persistent}
-        return {k: v.contiguous() for k, v in (model_state | buffers).items()}, _plain_groups(optim_state)
+        return {k: v.contiguous() for k, v in (model_state | buffers).items()}, cpu_optimizer_state(optim_state)
 
     def unwrapped(self, model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -193,15 +136,19 @@ class FSDPStrategy(Strategy):
             set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def _plain_groups(optim_state: dict[str, Any]) -> dict[str, Any]:
-    """torch.distributed.checkpoint's named optimizer state in our layout (the same keys, CPU tensors)."""
-    state = {name: {k: (v.detach().cpu().contiguous() if torch.is_tensor(v) else v) for k, v in s.items()}
-             for name, s in optim_state["state"].items()}
-    return {"state": state, "param_groups": [dict(g) for g in optim_state["param_groups"]]}
+def strategy_for(parallel, *, rank: int = 0, world_size: int = 1) -> Strategy:
+    """The Strategy a config's `parallel` section (a ParallelConfig) asks for, on this rank."""
+    options = {}
+    if parallel.strategy == "pipeline":
+        options = {"n_microbatches": parallel.n_microbatches, "schedule": parallel.pipeline_schedule}
+    return make_strategy(parallel.strategy, rank=rank, world_size=world_size, **options)
 
 
 def make_strategy(name: str, *, rank: int = 0, world_size: int = 1, **options) -> Strategy:
     """The Strategy called `name` (single, ddp, fsdp or pipeline) for this rank."""
+    if name == "single" and world_size > 1:
+        raise ValueError(f"parallel.strategy: 'single' trains in one process, not {world_size}; "
+                         "choose ddp, fsdp or pipeline")
     if name == "single" or (name in ("ddp", "fsdp") and world_size == 1):
         # one data-parallel rank has nothing to average or shard: DDP's gradient buckets would be pure cost
         return Strategy(rank=rank, world_size=world_size)
@@ -212,7 +159,5 @@ def make_strategy(name: str, *, rank: int = 0, world_size: int = 1, **options) -
     if name == "fsdp":
         return FSDPStrategy(rank=rank, world_size=world_size, **options)
     if name == "pipeline":
-        from .pipelining import PipelineStrategy
-
         return PipelineStrategy(rank=rank, world_size=world_size, **options)
-    raise ValueError(f"strategy: unknown {name!r}; choose from {list(STRATEGIES)}")
+    raise ValueError(f"parallel.strategy: unknown {name!r}; choose from {list(STRATEGIES)}")

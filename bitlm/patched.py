@@ -18,6 +18,11 @@ unigram entropy (4.8 bits per masked byte even at 5% masking) for the whole 10-m
 with it, it learns from its neighbours from the first few hundred steps. Bit j of a masked byte
 is read from z_i down the byte's tree given its earlier clean bits (`local_prefix`), or through a
 per-phase vector when no prefix is given.
+
+forward is embed (byte encoder, BOS) -> stack -> head (norm, to_local) -> readout (the tree), each
+skipped when its module is None, so a pipeline stage is this body with another stage's modules
+set to None; the last stage returns the per-byte features and its loss reads them out with
+`readout`, which takes the bits the schedule already carries as the loss target.
 """
 
 from __future__ import annotations
@@ -27,10 +32,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import KVCache
+from .attention import DecodeState, KVCache, sinusoidal_table
 from .blocks import BlockStack, StackOutput
 from .config import ModelConfig
-from .model import DecodeState, sinusoidal_table
 
 
 class _ResidualMLP(nn.Module):
@@ -119,39 +123,59 @@ class PatchedBody(nn.Module):
             cache.advance(n)
         return self.to_local(self.norm(out.hidden.to(byte_vectors.dtype))), out
 
-    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
-                return_weights: bool = False, offset: Optional[torch.Tensor] = None,
-                local_prefix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
-        """Per-bit logits. Non-causal with `local_prefix` (B, T) clean bits: each bit is read from its
-        tree node given the byte's earlier clean bits, so a masked byte's bits score -log p(byte)."""
-        if cache is not None:
-            raise ValueError("patched models decode incrementally through start_decoding/decode_next")
+    def embed_bits(self, x: torch.Tensor, *, causal: bool, offset: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, T) bit ids, T a multiple of bits_per_byte -> (B, L (+1 BOS when causal), d) stack inputs."""
         B, T = x.shape
-        bpb = self.bits_per_byte
-        if T % bpb:
-            if not causal:
-                raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
-            # causality is exact, so padding the last byte changes no logit before the padding
-            logits, out = self(torch.nn.functional.pad(x, (0, bpb - T % bpb)), causal=True,
-                               return_weights=return_weights, offset=offset)
-            return logits[:, :T], out
-        L = T // bpb
-        bits = x.view(B, L, bpb)
+        bits = x.view(B, T // self.bits_per_byte, self.bits_per_byte)
         encoded = self.encode_bytes(bits) if causal else self.encode_noncausal(bits)  # (B, L, d)
         if offset is not None:  # (B, 1, d): the stream marker of each row
             encoded = encoded + offset
-        phases = torch.arange(bpb, device=x.device)
+        if causal:  # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
+            encoded = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
+        return encoded + self.positions[:encoded.shape[1]]
+
+    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
+                return_weights: bool = False, offset: Optional[torch.Tensor] = None,
+                local_prefix: Optional[torch.Tensor] = None, readout: bool = True) -> tuple[torch.Tensor, StackOutput]:
+        """Per-bit logits. Non-causal with `local_prefix` (B, T) clean bits: each bit is read from its
+        tree node given the byte's earlier clean bits, so a masked byte's bits score -log p(byte).
+        readout=False stops at the per-byte features (what a last pipeline stage hands its loss)."""
+        if cache is not None:
+            raise ValueError("patched models decode incrementally through start_decoding/decode_next")
+        if self.byte_bits is not None:
+            T, bpb = x.shape[1], self.bits_per_byte
+            if T % bpb:
+                if not causal:
+                    raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
+                # causality is exact, so padding the last byte changes no logit before the padding
+                logits, out = self(torch.nn.functional.pad(x, (0, bpb - T % bpb)), causal=True,
+                                   return_weights=return_weights, offset=offset, readout=readout)
+                return (logits[:, :T] if readout else logits), out
+            h = self.embed_bits(x, causal=causal, offset=offset)
+        else:
+            h = x  # a later pipeline stage: the hidden states of the stage before
+        out = self.stack(h, causal=causal, return_weights=return_weights)
+        if self.to_local is None:
+            return out.hidden, out
+        ctx = self.to_local(self.norm(out.hidden.to(h.dtype)))  # (B, L (+1), hidden)
+        if not readout:
+            return ctx, out
+        return self.readout(ctx, x, causal=causal, local_prefix=local_prefix), out
+
+    def readout(self, ctx: torch.Tensor, ids: torch.Tensor, *, causal: bool = True,
+                local_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-bit logits (B, T, 2) from per-byte features and the (B, T) bits of whole bytes."""
+        B, T = ids.shape
+        bpb = self.bits_per_byte
+        phases = torch.arange(bpb, device=ids.device)
         if not causal:
-            ctx, out = self._global(encoded, causal=False, cache=None, return_weights=return_weights)
-            prefix = None if local_prefix is None else local_prefix.view(B, L, bpb)[..., :-1]
-            return self._local_logits(ctx, prefix, phases).reshape(B, T, 2), out
-        # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
-        shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
-        ctx, out = self._global(shifted, causal=True, cache=None, return_weights=return_weights)  # (B, L+1, hidden)
+            prefix = None if local_prefix is None else local_prefix.view(B, T // bpb, bpb)[..., :-1]
+            return self._local_logits(ctx, prefix, phases).reshape(B, T, 2)
+        bits = ids.view(B, T // bpb, bpb)
         padded = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
-        per_bit = self._local_logits(ctx, padded[..., :-1], phases).reshape(B, (L + 1) * bpb, 2)
+        per_bit = self._local_logits(ctx, padded[..., :-1], phases).reshape(B, -1, 2)
         # per_bit[:, k] predicts bit k; the shared layout wants logits[:, t] to predict bit t + 1
-        return per_bit[:, 1:T + 1], out
+        return per_bit[:, 1:T + 1]
 
     def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
         B, T = ids.shape

@@ -15,8 +15,10 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
-from .codec import _as_bit_array, bits_to_bytes, bytes_to_bits
-from .config import SafetyConfig, _is_int  # SafetyConfig: the `safety` section of a run's config
+from .codec import as_bit_array, bits_to_bytes, bytes_to_bits
+from .config import SafetyConfig  # SafetyConfig: the `safety` section of a run's config
+from .fields import is_int
+from .modes import eval_mode
 from .sampling import generate
 from .telemetry import complexity_and_symbiosis
 
@@ -166,7 +168,7 @@ def _bits_1d(bits: Any) -> np.ndarray:
     shape = tuple(bits.shape) if isinstance(bits, torch.Tensor) else np.shape(bits)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)):
         raise ValueError(f"bits must have shape (T,) or (1, T), got {shape}")
-    arr = _as_bit_array(bits)
+    arr = as_bit_array(bits)
     if arr.size == 0:
         raise ValueError("bits must hold at least one bit")
     return arr
@@ -180,9 +182,7 @@ def _negentropy(model, ids: torch.Tensor) -> float:
     device = model.reference_marginals.device
     n_full = ids.numel() // window
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         full = ids[:n_full * window].view(n_full, window)
         for i in range(0, n_full, _K_BATCH_WINDOWS):
             _, tel = model(full[i:i + _K_BATCH_WINDOWS].to(device), return_telemetry=True)
@@ -193,8 +193,6 @@ def _negentropy(model, ids: torch.Tensor) -> float:
             _, tel = model(tail[None].to(device), return_telemetry=True)
             total += float(tel["negentropy"][0]) * tail.numel()
             count += tail.numel()
-    finally:
-        model.train(was_training)
     return total / count
 
 
@@ -275,7 +273,7 @@ def safe_sample_with_retry(model, prompt: str, max_new_bytes: int = 128, *, max_
     floors 0.3 and 0.5, not strict). When every attempt is blocked, strict raises SafetyBlocked;
     otherwise the last text is returned with verdict.passed False.
     """
-    if not _is_int(seed):
+    if not is_int(seed):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     real, cfg = _resolve_gate(gate, c_floor, s_floor, max_retries=max_retries, backoff_s=backoff_s, strict=strict)
     parity = model.config.parity

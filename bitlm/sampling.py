@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from .codec import bits_to_bytes, bytes_to_bits, enforce_parity
+from .modes import eval_mode
 
 
 @dataclass
@@ -72,8 +73,6 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (batch, length >= 1) ids, got shape {tuple(prompt.shape)}")
     cfg = model.config
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     if row_seeds is not None:
         if len(row_seeds) != prompt.shape[0]:
@@ -89,7 +88,7 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     unit = cfg.ids_per_byte
     keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
     start, state = 0, None  # the context is seq[:, start:]
-    try:
+    with eval_mode(model):
         for _ in range(n_new):
             if seq.shape[1] - start > cfg.max_input_ids:
                 start = seq.shape[1] - (keep_bytes * unit + seq.shape[1] % unit)
@@ -102,8 +101,6 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
                 logits = model.decode_next(state, seq[:, -1])
             nxt = _pick(logits, temperature, top_k, top_p, generators)
             seq = torch.cat([seq, nxt[:, None]], dim=1)
-    finally:
-        model.train(was_training)
     return seq
 
 
@@ -167,8 +164,6 @@ def infer_long_sequence(model, ids: torch.Tensor, *, window: Optional[int] = Non
         raise ValueError(f"window must be in [{step_unit}, {cfg.max_input_ids}] ids, got {window}")
     if not 0 <= overlap < window:
         raise ValueError(f"overlap must be in [0, window={window}), got {overlap}")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     ids = ids.to(device)
     B, T = ids.shape
@@ -177,7 +172,7 @@ def infer_long_sequence(model, ids: torch.Tensor, *, window: Optional[int] = Non
     full = [s for s in starts if s + window <= T]
     ragged = [s for s in starts if s + window > T]  # at most one: the tail window
     out = None
-    try:
+    with eval_mode(model):
         for i in range(0, len(full), batch_windows):
             group = full[i:i + batch_windows]
             stacked = torch.cat([ids[:, s:s + window] for s in group])  # (len(group) * B, window)
@@ -186,8 +181,6 @@ def infer_long_sequence(model, ids: torch.Tensor, *, window: Optional[int] = Non
         for start in ragged:
             logits, _ = model(ids[:, start:])
             out = _place(out, logits[None], [start], overlap, T)
-    finally:
-        model.train(was_training)
     return out[0] if squeeze else out
 
 

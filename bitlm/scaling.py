@@ -18,66 +18,67 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .blocks import Block
-from .config import ModelConfig, ScalingConfig
+from .config import ExpansionKind, ModelConfig, ScalingConfig
 from .model import BitTransformerLM
 from .objective import model_inputs
 
 INIT_STD = 0.02  # the std of bitlm.model's weight init, used for the new weights too
-STRATEGIES = ("depth", "width", "context")
+EXPANSION_KINDS: tuple[str, ...] = typing.get_args(ExpansionKind)
 
 
-def expanded_config(cfg: ModelConfig, strategy: str, *, add_layers: int = 1) -> ModelConfig:
-    """The model config after one `strategy` expansion."""
-    if strategy == "depth":
+def expanded_config(cfg: ModelConfig, kind: str, *, add_layers: int = 1) -> ModelConfig:
+    """The model config after one expansion of `kind` (depth, width or context)."""
+    if kind == "depth":
         if cfg.act:
             raise ValueError("model.act: adding layers changes the ACT halting mixture, so a depth expansion "
                              "would not preserve the model's function")
         if add_layers < 1:
             raise ValueError(f"add_layers: must be >= 1, got {add_layers}")
         return dataclasses.replace(cfg, n_layers=cfg.n_layers + add_layers)
-    if strategy == "width":
+    if kind == "width":
         return dataclasses.replace(cfg, d_ff=2 * cfg.d_ff)
-    if strategy == "context":
+    if kind == "context":
         return dataclasses.replace(cfg, max_seq_len=2 * cfg.max_seq_len)
-    raise ValueError(f"strategy: must be one of {list(STRATEGIES)}, got {strategy!r}")
+    raise ValueError(f"expansion kind: must be one of {list(EXPANSION_KINDS)}, got {kind!r}")
 
 
-def expand_model(model: BitTransformerLM, strategy: str, *, add_layers: int = 1,
+def expand_model(model: BitTransformerLM, kind: str, *, add_layers: int = 1,
                  generator: Optional[torch.Generator] = None) -> BitTransformerLM:
     """A new, larger model with `model`'s logits, device, dtype and mode; `model` is left untouched."""
     # new random weights come from `generator` (the global RNG when None): ranks that seed it alike
     # build identical models without broadcasting weights
     if not isinstance(model, BitTransformerLM):
         raise TypeError(f"expand_model takes a BitTransformerLM (unwrap DDP/compile first), got {type(model).__name__}")
-    new_cfg = expanded_config(model.config, strategy, add_layers=add_layers)
+    new_cfg = expanded_config(model.config, kind, add_layers=add_layers)
     reference = next(model.parameters())
     # build in fp32 on the CPU with a forked RNG: the constructor's own random init is overwritten
     # below and must not advance the caller's global RNG stream
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         new = BitTransformerLM(new_cfg)
     with torch.no_grad():
-        _copy_into(new, model.state_dict())
-        if strategy == "depth":
+        copy_weights_into(new, model.state_dict())
+        if kind == "depth":
             for block in new.body.stack.blocks[model.config.n_layers:]:
                 _init_identity_block(block, generator)
-        elif strategy == "width":
+        elif kind == "width":
             d_ff = model.config.d_ff
             for block in new.body.stack.blocks:
                 up, down = block.mlp[0], block.mlp[2]
-                up.weight[d_ff:] = _normal(up.weight[d_ff:].shape, generator)
+                up.weight[d_ff:] = init_normal(up.weight[d_ff:].shape, generator)
                 up.bias[d_ff:] = 0.0
                 down.weight[:, d_ff:] = 0.0  # the new units write nothing until trained
     new.to(device=reference.device, dtype=reference.dtype)
     return new.train(model.training)
 
 
-def _copy_into(new: nn.Module, old_state: dict[str, torch.Tensor]) -> None:
+def copy_weights_into(new: nn.Module, old_state: dict[str, torch.Tensor]) -> None:
     """Copy each old tensor into the leading slice of the same-named new tensor."""
     new_state = new.state_dict()
     for name, old in old_state.items():
@@ -89,7 +90,7 @@ def _copy_into(new: nn.Module, old_state: dict[str, torch.Tensor]) -> None:
         target[tuple(slice(0, n) for n in old.shape)] = old.to(target.dtype)
 
 
-def _normal(shape: torch.Size, generator: Optional[torch.Generator]) -> torch.Tensor:
+def init_normal(shape: torch.Size, generator: Optional[torch.Generator]) -> torch.Tensor:
     # draw on the generator's device (a CUDA generator cannot fill a CPU tensor), then copy
     device = generator.device if generator is not None else "cpu"
     return torch.empty(shape, device=device).normal_(0.0, INIT_STD, generator=generator).cpu()
@@ -98,7 +99,7 @@ def _normal(shape: torch.Size, generator: Optional[torch.Generator]) -> torch.Te
 def _init_identity_block(block: Block, generator: Optional[torch.Generator]) -> None:
     for module in block.modules():
         if isinstance(module, nn.Linear):
-            module.weight.copy_(_normal(module.weight.shape, generator))
+            module.weight.copy_(init_normal(module.weight.shape, generator))
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             module.reset_parameters()

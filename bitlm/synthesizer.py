@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import telemetry as tm
 from .codec import bit_table
 from .data import ByteWindows
+from .modes import eval_mode
 from .objective import LN2, model_inputs
 
 SUMMARY_TELEMETRY = ("K", "C", "S", "bpb")  # the columns after the pooled hidden state
@@ -98,21 +99,19 @@ class TelemetrySynthesizer:
         rows = np.arange(windows.n_windows) if rows is None else rows
         pooled: list[torch.Tensor] = []
         hook = model.body.norm.register_forward_hook(lambda m, inp, out: pooled.append(out.float().mean(dim=1)))
-        was_training = model.training
-        model.eval()
         out = []
         try:
             device = next(model.parameters()).device
-            for start in range(0, len(rows), self.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(data[rows[start:start + self.batch_size], :context]))
-                ids = model_inputs(model, batch.to(device))
-                pooled.clear()
-                logits, _ = model(ids, causal=True)
-                tel = _row_telemetry(model, ids, logits)
-                out.append(torch.cat([pooled[-1].cpu().double(), tel.cpu().double()], dim=1))
+            with eval_mode(model):
+                for start in range(0, len(rows), self.batch_size):
+                    batch = torch.from_numpy(np.ascontiguousarray(data[rows[start:start + self.batch_size], :context]))
+                    ids = model_inputs(model, batch.to(device))
+                    pooled.clear()
+                    logits, _ = model(ids, causal=True)
+                    tel = _row_telemetry(model, ids, logits)
+                    out.append(torch.cat([pooled[-1].cpu().double(), tel.cpu().double()], dim=1))
         finally:
             hook.remove()
-            model.train(was_training)
         return torch.cat(out).numpy()
 
     def cluster(self, corpus, k: int = 8, per_cluster: int = 1, *, split: str = "train",

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from bitlm.codec import _as_bit_array
+from bitlm.codec import as_bit_array
 
 _ENTROPY_EPS = 1e-7
 _PROXY_EPS = 1e-6
@@ -28,7 +28,7 @@ def _bits_2d(bits: ArrayLike) -> np.ndarray:
     if arr.ndim not in (1, 2):
         raise ValueError(f"bits must have shape (T,) or (B, T), got {arr.shape}")
     shape = (1, arr.shape[0]) if arr.ndim == 1 else arr.shape
-    return _as_bit_array(arr).reshape(shape)
+    return as_bit_array(arr).reshape(shape)
 
 
 def negentropy(p_one: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ def lz76_phrase_count(bits: ArrayLike | Sequence[int]) -> int:
     arr = _to_numpy(bits)
     if arr.ndim != 1:
         raise ValueError(f"lz76_phrase_count takes a 1-D sequence, got shape {arr.shape}")
-    s = _as_bit_array(arr).tobytes()
+    s = as_bit_array(arr).tobytes()
     n = len(s)
     if n == 0:
         return 0
@@ -86,7 +86,7 @@ def lz_complexity(bits: ArrayLike | Sequence[int]) -> float:
         raise ValueError(f"lz_complexity takes a 1-D sequence, got shape {arr.shape}")
     n = arr.size
     if n <= 1:
-        _as_bit_array(arr)
+        as_bit_array(arr)
         return 0.0
     c = lz76_phrase_count(arr)
     return float(min(1.0, c * math.log2(n) / n))
@@ -316,7 +316,7 @@ def _window_starts(length: int, window: int, unit: int) -> list[int]:
 def complexity_and_symbiosis(bits: ArrayLike, reference: ArrayLike, bits_per_byte: int,
                              window_bytes: int = 512) -> tuple[float, float]:
     """Mean C and S over window_bytes-sized windows of a 1-D bit sequence (measured whole when shorter)."""
-    arr = _as_bit_array(bits)
+    arr = as_bit_array(bits)
     if arr.size == 0:
         raise ValueError("bits must hold at least one bit")
     if window_bytes < 1:

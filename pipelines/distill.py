@@ -1,7 +1,7 @@
 """Distillation on Ray Train, tracked in MLflow: each round of bitlm.distill.collapse_submodel is a TorchTrainer run.
 
 The driver loads the teacher (a local or checkpoint directory, `runs:/...` or `models:/name@alias`,
-resolved by serve.sources), picks the windows (TelemetrySynthesizer), and runs collapse_submodel
+resolved by serve.model_sources), picks the windows (TelemetrySynthesizer), and runs collapse_submodel
 with a round function that trains the student on Ray Train: the workers, strategies (ddp, fsdp)
 and FailureConfig of pipelines.train. The driver measures each round and decides whether to deepen
 or widen. The student goes to MLflow as the pyfunc model in its own run, linked to the teacher by
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bitlm.config import ModelConfig, TrainConfig, from_dict, to_dict
+from bitlm.config import ModelConfig, ParallelConfig, TrainConfig, from_dict, to_dict
 from bitlm.distill import DistillConfig
 
-from .train import PipelineConfig, RayRunConfig, RayReporter, _export_model, _quiet_report_log, run_directory
+from .train import PipelineConfig, RayRunConfig, RayReporter, export_model, quiet_report_log, run_directory
 
 ALIAS = "distilled"
 
@@ -40,6 +40,7 @@ class DistillJob:
     register: Optional[str] = None
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # ddp or fsdp
     run: RayRunConfig = field(default_factory=RayRunConfig)
 
 
@@ -71,15 +72,15 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
     from bitlm.data import ByteWindows, Corpus
     from bitlm.distill import distillation_loss, load_model
     from bitlm.engine import fit
-    from bitlm.parallel import make_strategy
+    from bitlm.parallel import strategy_for
 
-    _quiet_report_log()
+    quiet_report_log()
     cfg = from_dict(PipelineConfig, config["cfg"])
     distill = from_dict(DistillConfig, config["distill"], "distill.")
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size)
+    strategy = strategy_for(cfg.parallel, rank=rank, world_size=world_size)
     full = Corpus.open(cfg.run.data, verify=False)  # the driver checked the shards
     corpus = Corpus(ByteWindows(np.asarray(config["windows"], dtype=np.uint8)), full.val, full.manifest, full.directory)
     student = load_model(config["init"])
@@ -105,7 +106,7 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory(prefix="bitlm-distill-") as local:
         resume_dir = Path(restored.to_directory(str(Path(local) / "restored"))) if restored is not None else None
         try:
-            fit(student, corpus, cfg.train, report=report, checkpoint_dir=Path(local) / "checkpoints", resume=False,
+            fit(student, corpus, cfg, report=report, checkpoint_dir=Path(local) / "checkpoints",
                 resume_from=resume_dir, device=device, strategy=strategy, loss=loss)
         finally:
             if tracker is not None:
@@ -128,7 +129,7 @@ def ray_round(job: DistillJob, run_dir: Path, run_id: Optional[str], uri: str) -
         round_dir = run_dir / f"round-{index + 1}"
         init = save_model(student, round_dir / "init")
         run = dataclasses.replace(job.run, name=f"{job.run.name}-round-{index + 1}", storage_path=str(round_dir))
-        cfg = PipelineConfig(model=student.config, train=train_cfg, run=run)
+        cfg = PipelineConfig(model=student.config, train=train_cfg, parallel=job.parallel, run=run)
         trainer = TorchTrainer(
             distill_fn_per_worker,
             train_loop_config={"cfg": to_dict(cfg), "distill": to_dict(job.distill), "init": str(init),
@@ -144,7 +145,7 @@ def ray_round(job: DistillJob, run_dir: Path, run_id: Optional[str], uri: str) -
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(train_cfg.keep_checkpoints, 1)),
                 logging_config=LoggingConfig(log_level="WARNING")))
         result = trainer.fit()
-        model_dir = _export_model(result, round_dir / "model")
+        model_dir = export_model(result, round_dir / "model")
         if model_dir is None:
             raise RuntimeError(f"round {index + 1}: Ray Train returned no checkpoint")
         return load_model(model_dir, device=next(student.parameters()).device)
@@ -165,8 +166,8 @@ def run_distill(job: DistillJob, *, address: Optional[str] = None, report=None):
     from .tracking import RunTracker, tracking_uri
     from .train import ray_address
 
-    if job.run.strategy == "pipeline":
-        raise ValueError("run.strategy: distillation trains with ddp or fsdp (the pipeline strategy owns the "
+    if job.parallel.strategy == "pipeline":
+        raise ValueError("parallel.strategy: distillation trains with ddp or fsdp (the pipeline strategy owns the "
                          "backward pass, and the distillation loss needs the whole model)")
     data = str(Path(job.run.data).resolve())
     if job.run.verify_data:

@@ -4,8 +4,8 @@
     ray job submit --working-dir . -- python -m pipelines.prepare SOURCES... --out /abs/DIR
 
 The driver lists the files and lays out the stream exactly as `bitlm.data.prepare_corpus` does
-(`bitlm.sources.plan_stream`), cuts it into spans of --task-bytes and has one Ray task read each
-span with the same reader (`bitlm.sources.read_stream`) and count its bytes. The driver copies
+(`bitlm.corpus_sources.plan_stream`), cuts it into spans of --task-bytes and has one Ray task read each
+span with the same reader (`bitlm.corpus_sources.read_stream`) and count its bytes. The driver copies
 each span into place, adds up the byte counts of the train part and hands the stream to the same
 shard and manifest writer (`bitlm.data.write_corpus`), so shards and manifest are byte-identical.
 Every node must see the source files under the driver's paths; only the driver writes --out.
@@ -23,8 +23,9 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from bitlm.cli.prepare import corpus_options, prepared_summary
 from bitlm.data import byte_histogram, check_prepare_args, split_sizes, write_corpus
-from bitlm.sources import DEFAULT_INCLUDE, StreamPlan, plan_stream, read_stream, resolve_sources
+from bitlm.corpus_sources import DEFAULT_INCLUDE, StreamPlan, plan_stream, read_stream, resolve_sources
 
 DEFAULT_TASK_BYTES = 4 << 20
 IN_FLIGHT_BYTES = 64 << 20
@@ -92,21 +93,12 @@ def prepare_driver(sources: Sequence[str | os.PathLike] | None, out_dir: str | P
 
 
 @click.command("prepare")
-@click.argument("sources", nargs=-1)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for the shards and manifest.json, written by the driver "
-                   "(give an absolute path under `ray job submit`, whose cwd is a temporary copy).")
-@click.option("--window-bytes", default=1024, show_default=True, help="Bytes per stored window (>= 2).")
-@click.option("--val-fraction", default=0.1, show_default=True,
-              help="Fraction of the byte stream, taken from its end, kept for validation, in [0, 1).")
-@click.option("--max-bytes", type=int, default=None, help="Stop reading after this many bytes.")
-@click.option("--shard-windows", default=8192, show_default=True, help="Windows per Parquet shard.")
+@corpus_options
 @click.option("--task-bytes", default=DEFAULT_TASK_BYTES, show_default=True,
               help="Bytes of the stream each Ray task reads (>= 1).")
 @click.option("--num-cpus-per-task", default=1.0, show_default=True, help="CPUs reserved per read task (> 0).")
 @click.option("--address", default=None,
               help="Ray cluster to join; default $RAY_ADDRESS, else a new local Ray.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(sources, out_dir, window_bytes, val_fraction, max_bytes, shard_windows, task_bytes,
          num_cpus_per_task, address, quiet):
     """Turn SOURCES (files, directories, globs) into a training corpus, reading them with Ray tasks.
@@ -134,10 +126,7 @@ def main(sources, out_dir, window_bytes, val_fraction, max_bytes, shard_windows,
     finally:
         if started:
             ray.shutdown()
-    splits = manifest["splits"]
-    click.echo(f"prepared {manifest['n_files']} file(s), {manifest['n_bytes_total']:,} bytes -> "
-               f"{Path(out_dir).resolve()}: train {splits['train']['n_windows']} windows, "
-               f"val {splits['val']['n_windows']} windows of {manifest['window_bytes']} bytes")
+    click.echo(prepared_summary(manifest, Path(out_dir).resolve()))
 
 
 if __name__ == "__main__":

@@ -22,21 +22,20 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import click
 
-from bitlm.config import ExperimentConfig, _check, _check_choice, apply_overrides, flatten, from_dict, to_dict, to_json
+from bitlm.config import ExperimentConfig, apply_overrides, flatten, from_dict, to_dict, to_json
+from bitlm.fields import check
 from bitlm.evaluation import format_telemetry
 
-Strategy = Literal["ddp", "fsdp", "pipeline"]
-PipelineSchedule = Literal["gpipe", "1f1b"]
 FAILURE_MARKER = "injected-failure"  # written next to the run once fail_at_step has fired
 
 
 @dataclass(frozen=True, kw_only=True)
 class RayRunConfig:
-    """Where and how a run executes: workers, devices, strategy, storage, tracking."""
+    """Where a run executes: workers, devices, storage, tracking (how the ranks share the model: `parallel`)."""
 
     name: str = "bitlm"  # Ray Train run name; the same name and storage path resume a stopped run
     experiment: str = "bitlm"  # MLflow experiment
@@ -46,9 +45,6 @@ class RayRunConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    strategy: Strategy = "ddp"
-    n_microbatches: int = 4  # pipeline strategy: micro-batches per step
-    pipeline_schedule: PipelineSchedule = "gpipe"
     max_failures: int = 0  # worker/node failures survived by restarting from the latest checkpoint
     tracking: bool = True  # MLflow run per training run (rank 0 logs)
     register_model: Optional[str] = None  # registered model name for the final model
@@ -56,15 +52,12 @@ class RayRunConfig:
     fail_at_step: int = 0  # drill: the last rank raises once at this step (0: never)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name, got {self.name!r}")
-        _check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, "run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
-        _check_choice(self.strategy, "run.strategy", Strategy)
-        _check_choice(self.pipeline_schedule, "run.pipeline_schedule", PipelineSchedule)
-        _check(self.n_microbatches >= 1, "run.n_microbatches", f"must be >= 1, got {self.n_microbatches}")
-        _check(self.max_failures >= -1, "run.max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
-        _check(self.fail_at_step >= 0, "run.fail_at_step", f"must be >= 0, got {self.fail_at_step}")
-        _check(self.model_alias is None or self.register_model is not None, "run.model_alias",
+        check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name, got {self.name!r}")
+        check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, "run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        check(self.max_failures >= -1, "run.max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        check(self.fail_at_step >= 0, "run.fail_at_step", f"must be >= 0, got {self.fail_at_step}")
+        check(self.model_alias is None or self.register_model is not None, "run.model_alias",
                "needs run.register_model (an alias names a version of a registered model)")
 
 
@@ -76,7 +69,7 @@ class PipelineConfig(ExperimentConfig):
 
 
 def load_config(path: Optional[str | Path], sets: tuple[str, ...] | list[str] = ()) -> PipelineConfig:
-    """A PipelineConfig from a JSON file (sections model/train/diffusion/scaling/run), then --set overrides."""
+    """A PipelineConfig from a JSON file (sections model/train/diffusion/scaling/parallel/run), then --set overrides."""
     cfg = from_dict(PipelineConfig, json.loads(Path(path).read_text())) if path else PipelineConfig()
     return apply_overrides(cfg, list(sets))
 
@@ -140,7 +133,7 @@ class RayReporter:
         raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
 
 
-def _quiet_report_log() -> None:
+def quiet_report_log() -> None:
     """Silence Ray Train's INFO line per ray.train.report (it dumps every metric to the console).
 
     Its logger is named by the module's file path, not its dotted name, so RunConfig's
@@ -164,17 +157,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     from bitlm.data import Corpus
     from bitlm.engine import fit
     from bitlm.model import BitTransformerLM
-    from bitlm.parallel import make_strategy
+    from bitlm.parallel import strategy_for
 
-    _quiet_report_log()
+    quiet_report_log()
     cfg = from_dict(PipelineConfig, config["cfg"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    options = {}
-    if cfg.run.strategy == "pipeline":
-        options = {"n_microbatches": cfg.run.n_microbatches, "schedule": cfg.run.pipeline_schedule}
-    strategy = make_strategy(cfg.run.strategy, rank=rank, world_size=world_size, **options)
+    strategy = strategy_for(cfg.parallel, rank=rank, world_size=world_size)
     _record_placement(Path(config["run_dir"]), rank, str(device))
     corpus = Corpus.open(cfg.run.data, verify=False)  # the driver checked the shards (run.verify_data)
     torch.manual_seed(cfg.train.seed)  # every rank builds the same initial weights
@@ -194,9 +184,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if restored is not None:
             resume_dir = Path(restored.to_directory(str(Path(local) / "restored")))
         try:
-            fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=reporter,
-                checkpoint_dir=Path(local) / "checkpoints", resume=False, resume_from=resume_dir, device=device,
-                strategy=strategy, scaling=cfg.scaling)
+            fit(model, corpus, cfg, report=reporter, checkpoint_dir=Path(local) / "checkpoints",
+                resume_from=resume_dir, device=device, strategy=strategy)
         finally:
             if tracker is not None:
                 tracker.detach()
@@ -231,7 +220,7 @@ def _mlflow_run_id(cfg: PipelineConfig, run_dir: Path, uri: str) -> Optional[str
         return id_file.read_text().strip()
     params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flatten(cfg).items()}
     tracker = RunTracker.start(cfg.run.experiment, cfg.run.name, params, system_metrics=False, uri=uri,
-                               tags={"bitlm.strategy": cfg.run.strategy, "bitlm.arch": cfg.model.arch})
+                               tags={"bitlm.strategy": cfg.parallel.strategy, "bitlm.arch": cfg.model.arch})
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(tracker.run_id)
     return tracker.run_id
@@ -283,7 +272,7 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
     except Exception:
         _finish_tracking(uri, run_id, "FAILED")
         raise
-    model_dir = _export_model(result, run_dir / "model")
+    model_dir = export_model(result, run_dir / "model")
     _finish_tracking(uri, run_id, "FINISHED", cfg, result, model_dir)
     return result
 
@@ -302,7 +291,7 @@ def _check_data(cfg: PipelineConfig, run_dir: Path) -> None:
     prepare_run_directory(run_dir, cfg.run.data, fresh=False, corpus=corpus_identity(manifest))
 
 
-def _export_model(result, target: Path) -> Optional[Path]:
+def export_model(result, target: Path) -> Optional[Path]:
     """Copy the weights and config of the final checkpoint into a save_pretrained directory."""
     if result.checkpoint is None:
         return None

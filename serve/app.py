@@ -32,7 +32,7 @@ from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
 from .guard import RESERVED_SLOTS, UNAUTHORIZED, RequestGuard, token_digest, token_matches
 from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
                       Telemetry, Timings)
-from .sources import resolve_source
+from .model_sources import resolve_source
 
 STATIC_INDEX = Path(__file__).resolve().parent / "static" / "index.html"
 

@@ -142,7 +142,7 @@ def _child_run(cfg: PipelineConfig, space: Space, config: dict[str, Any], trial_
     params |= {f"search.{k}": v for k, v in config.items() if "." not in k}  # bundle labels, e.g. search.kind
     tracker = RunTracker.start(cfg.run.experiment, trial_id, params, system_metrics=False, uri=uri,
                                tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "bitlm.tune.space": space.name,
-                                     "bitlm.strategy": cfg.run.strategy, "bitlm.arch": cfg.model.arch})
+                                     "bitlm.strategy": cfg.parallel.strategy, "bitlm.arch": cfg.model.arch})
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(tracker.run_id)
     return tracker.run_id

@@ -15,7 +15,7 @@ DEFAULT_EXPERIMENT = "bitlm-distill"
 
 def resolve_teacher(source: str, allowed_roots) -> Path:
     """The teacher's model directory (under the allowed roots, or runs:/ and models:/ downloads); one line if not."""
-    from serve.sources import resolve_source
+    from serve.model_sources import resolve_source
 
     try:
         return resolve_source(source, list(allowed_roots) or None)
@@ -101,7 +101,8 @@ def check_out(out: Path, data_dir: Path) -> Path:
 @click.option("--device", default=None, callback=loading.device, help="--local: torch device.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Ray: training workers.")
 @click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
-@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True)
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp"]), default="ddp", show_default=True,
+              help="parallel.strategy of the rounds (the pipeline strategy cannot run the distillation loss).")
 @click.option("--max-failures", type=click.IntRange(min=-1), default=0, show_default=True,
               help="Ray: worker failures survived per round by restarting from its latest checkpoint.")
 @click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True, help="MLflow experiment.")
@@ -120,7 +121,7 @@ def distill_command(teacher, data_dir, student, floors_text, local, out_dir, reg
     """
     from ..config import TrainConfig
     from ..distill import DistillConfig, parse_floors
-    from .train import open_corpus
+    from .corpus import open_corpus
 
     try:
         floors = parse_floors(floors_text)
@@ -200,14 +201,16 @@ def run_on_ray(teacher, teacher_dir, student_cfg, floors, out, register, config,
     from ray.train import TrainingFailedError
 
     from pipelines.distill import DistillJob, run_distill
+    from bitlm.config import ParallelConfig
     from pipelines.train import RayRunConfig, failure_text
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     run = RayRunConfig(name=out.resolve().name, experiment=experiment, storage_path=str(out.resolve().parent / ".ray"),
-                       data=str(data), num_workers=workers, cpus_per_worker=cpus_per_worker, strategy=strategy,
+                       data=str(data), num_workers=workers, cpus_per_worker=cpus_per_worker,
                        max_failures=max_failures)
     job = DistillJob(teacher=teacher, teacher_dir=str(teacher_dir), student=student_cfg, floors=floors,
-                     out=str(out), register=register, distill=config, train=train, run=run)
+                     out=str(out), register=register, distill=config, train=train,
+                     parallel=ParallelConfig(strategy=strategy), run=run)
     try:
         result, metrics, _, model_uri = run_distill(job, address=address)
     except TrainingFailedError as err:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import click
 
-from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, apply_overrides, from_dict
+from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, apply_overrides, from_dict
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
@@ -58,7 +58,7 @@ def config_from_file(cls: type, path: str):
 def model_options(fn):
     """--preset, --arch, --config, --set, --minutes, --steps."""
     options = [
-        click.option("--preset", default="small", show_default=True, type=click.Choice(["tiny", "small", "base"]),
+        click.option("--preset", default="small", show_default=True, type=click.Choice(typing.get_args(Preset)),
                      help="Model size preset (see ModelConfig.from_name)."),
         click.option("--arch", "kind", default=DEFAULT_KIND, show_default=True, type=click.Choice(sorted(MODEL_KINDS)),
                      help="patched: bit model with a byte-rate global transformer and a per-bit local decoder; "

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import click
 
+from ..config import NoiseSchedule
 from . import loading
 
 
@@ -18,7 +20,7 @@ from . import loading
 @click.option("--device", default=None, callback=loading.device,
               help="torch device (default: cuda if available, else cpu).")
 @click.option("--noise-schedule", default="cosine", show_default=True,
-              type=click.Choice(["linear", "cosine", "exp", "loglinear"]),
+              type=click.Choice(typing.get_args(NoiseSchedule)),
               help="Schedule of the ELBO estimate for diffusion models (the bound holds for any).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def eval_command(model_dir, text_file, max_bytes, overlap_bytes, noise_schedule, device, as_json):

@@ -6,12 +6,17 @@ import json
 import os
 import sys
 import time
+import typing
 import warnings
 from pathlib import Path
 
 import click
 
+from ..config import StrategyName
 from . import loading
+from .corpus import open_corpus
+
+RAY_STRATEGIES = [s for s in typing.get_args(StrategyName) if s != "single"]  # a Ray run has 2+ workers
 from .options import DEFAULT_KIND, build_experiment, diffusion_options, diffusion_sets, model_options
 
 
@@ -70,9 +75,8 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
             click.echo(f"step {int(metrics['step'])}: {score}  {format_telemetry(metrics)}", err=True)
 
     try:
-        result = fit(model, corpus, cfg.train, diffusion=cfg.diffusion, report=report, checkpoint_dir=checkpoints,
-                     resume=resume, resume_from=latest, device=device, progress=progress,
-                     scaling=cfg.scaling)
+        result = fit(model, corpus, cfg, report=report, checkpoint_dir=checkpoints, resume_from=latest,
+                     device=device, progress=progress)
     except NonFiniteLossError as err:
         raise click.ClickException(str(err)) from None
     except ValueError as err:  # a checkpoint it cannot resume from, a config the model cannot train with
@@ -83,16 +87,6 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
     model = result.model if result.model is not None else model  # progressive scaling returns the grown model
     ckpt.save_pretrained(model, out / "model")
     return model, corpus, result
-
-
-def open_corpus(data_dir: Path, *, verify: bool):
-    """bitlm.data.Corpus.open, its errors as one-line --data errors."""
-    from ..data import Corpus
-
-    try:
-        return Corpus.open(data_dir, verify=verify)
-    except (OSError, ValueError) as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
 
 
 def prepare_out(out: Path, data_dir: Path, *, fresh: bool, corpus=None) -> Path:
@@ -149,9 +143,9 @@ def _score_text(metrics) -> str:
 @click.option("--device", default=None, callback=loading.device,
               help="--local: torch device (default: cuda if available, else cpu).")
 @click.option("--workers", type=int, default=None, help="Ray: training workers [run.num_workers=2].")
-@click.option("--strategy", type=click.Choice(["ddp", "fsdp", "pipeline"]), default=None,
+@click.option("--strategy", type=click.Choice(RAY_STRATEGIES), default=None,
               help="Ray: data parallel (ddp), sharded data parallel (fsdp) or one pipeline stage per worker "
-                   "[run.strategy=ddp].")
+                   "[parallel.strategy=ddp].")
 @click.option("--gpu", is_flag=True, help="Ray: one GPU per worker (NCCL).")
 @click.option("--scaling", is_flag=True, help="Grow the model (depth, width, context) when val loss plateaus.")
 @click.option("--qat", is_flag=True, help="4-bit quantization-aware training (train.qat; needs torchao, "
@@ -202,7 +196,7 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     run = [f"run.data={Path(data_dir).resolve()}", f"run.name={out.resolve().name}",
            f"run.storage_path={out.resolve().parent}"]
     run += [f"run.num_workers={workers}"] if workers is not None else []
-    run += [f"run.strategy={strategy}"] if strategy else []
+    run += [f"parallel.strategy={strategy}"] if strategy else []
     run += ["run.use_gpu=true"] if gpu else []
     run += [] if verify_data else ["run.verify_data=false"]
     cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from bitlm.config import ModelConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.engine import build_optimizer, fit
+from bitlm.engine import build_optimizer, evaluate, fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import model_inputs
 from bitlm.parallel import named_optimizer_state
@@ -85,13 +85,13 @@ def run_eval_and_checkpoint(rank: int, world_size: int, directory: str, scenario
         model.set_reference_marginals(corpus.phase_marginals(model.config.parity))
         strategy = PipelineStrategy(rank=rank, world_size=world_size, n_microbatches=2)
         strategy.wrap(model)
-        metrics = strategy.evaluate(model, corpus, EVAL_CFG)
+        metrics = evaluate(model, corpus, EVAL_CFG, strategy=strategy)
         optimizer = build_optimizer(model, EVAL_CFG)
         strategy.forward_backward(fixed_batch(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         full = strategy.full_state(model, optimizer)
-        logits = strategy._forward_only(model_inputs(model, fixed_batch()))
+        logits = strategy.eval_logits(model, model_inputs(model, fixed_batch()))
         path = Path(directory) / f"full-{sc['name']}.pt"
         if rank == 0:
             torch.save(full, path)
@@ -118,5 +118,5 @@ def run_fit(rank: int, world_size: int, directory: str, kind: str, n_layers: int
                       eval_every=10, eval_batches=2)
     history: list[dict] = []
     fit(model, small_corpus(), cfg, strategy=PipelineStrategy(rank=rank, world_size=world_size, schedule=schedule),
-        rank=rank, world_size=world_size, device="cpu", report=lambda metrics, path: history.append(dict(metrics)))
+        device="cpu", report=lambda metrics, path: history.append(dict(metrics)))
     torch.save(history, Path(directory) / f"fit-{rank}.pt")

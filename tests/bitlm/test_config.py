@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, SafetyConfig, ScalingConfig,
+from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, ModelConfig, ParallelConfig, SafetyConfig, ScalingConfig,
                           TrainConfig, apply_overrides, flatten, from_dict, to_dict, to_json)
 
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
                                 max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
-                                checkpoint_activations=True, chunk_size=32, full_attn_logging=True, act=True,
+                                chunk_size=32, full_attn_logging=True, act=True,
                                 act_threshold=0.5, local_d_ff=96, local_layers=2, n_streams=2)
 NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
                                 max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
@@ -54,7 +54,7 @@ def test_non_default_variants_differ_from_defaults_in_every_field():
 
 def test_to_dict_nests_sections_as_plain_dicts():
     data = to_dict(ExperimentConfig())
-    assert set(data) == {"model", "train", "diffusion", "scaling", "safety"}
+    assert set(data) == {"model", "train", "diffusion", "scaling", "safety", "parallel"}
     assert data["model"]["n_layers"] == ModelConfig().n_layers
     assert data["train"]["lr"] == TrainConfig().lr
     json.dumps(data)  # JSON-safe
@@ -144,8 +144,34 @@ def test_choice_error_lists_the_allowed_values():
 
 
 def test_boundary_values_are_accepted():
-    ModelConfig(dropout=0.0, chunk_size=1, act_threshold=1.0, n_heads=1, d_model=1)
-    TrainConfig(context_bytes=2, min_lr_ratio=1.0, warmup_steps=0, grad_clip=0.0, checkpoint_every=0)
+    edges = {"dropout": 0.0, "chunk_size": 1, "act_threshold": 1.0, "n_heads": 1, "d_model": 1}
+    model = ModelConfig(**edges)
+    assert {k: getattr(model, k) for k in edges} == edges
+    assert from_dict(ModelConfig, to_dict(model)) == model  # and they survive a round trip
+    edges = {"context_bytes": 2, "min_lr_ratio": 1.0, "warmup_steps": 0, "grad_clip": 0.0, "checkpoint_every": 0}
+    train = TrainConfig(**edges)
+    assert {k: getattr(train, k) for k in edges} == edges
+    assert from_dict(TrainConfig, to_dict(train)) == train
+    for name, just_outside in (("dropout", 1.0), ("act_threshold", 0.0), ("chunk_size", 0)):
+        with pytest.raises(ValueError, match=f"model.{name}"):
+            ModelConfig(**{name: just_outside})
+    for name, just_outside in (("context_bytes", 1), ("min_lr_ratio", 1.01), ("warmup_steps", -1)):
+        with pytest.raises(ValueError, match=f"train.{name}"):
+            TrainConfig(**{name: just_outside})
+
+
+def test_old_keys_are_accepted_in_config_documents_and_overrides():
+    old = {"model": {"checkpoint_activations": True, "n_layers": 3},
+           "run": {"strategy": "fsdp", "n_microbatches": 2, "pipeline_schedule": "1f1b"}}
+    assert from_dict(ExperimentConfig, {"run": old["run"]}).parallel.strategy == "fsdp"
+    cfg = from_dict(ExperimentConfig, {"model": old["model"]})
+    assert cfg.parallel.activation_checkpointing and cfg.model.n_layers == 3
+    assert not hasattr(cfg.model, "checkpoint_activations")
+    assert from_dict(ModelConfig, old["model"]).n_layers == 3  # a lone model section drops the execution option
+    cfg = apply_overrides(ExperimentConfig(), ["run.strategy=pipeline", "run.n_microbatches=2",
+                                               "run.pipeline_schedule=1f1b", "model.checkpoint_activations=true"])
+    assert cfg.parallel == ParallelConfig(strategy="pipeline", n_microbatches=2, pipeline_schedule="1f1b",
+                                          activation_checkpointing=True)
 
 
 def test_derived_properties_follow_parity_and_representation():
@@ -309,7 +335,8 @@ def test_flatten_gives_dotted_keys_for_every_field():
                 | {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
                 | {f"diffusion.{f.name}" for f in dataclasses.fields(DiffusionConfig)}
                 | {f"scaling.{f.name}" for f in dataclasses.fields(ScalingConfig)}
-                | {f"safety.{f.name}" for f in dataclasses.fields(SafetyConfig)})
+                | {f"safety.{f.name}" for f in dataclasses.fields(SafetyConfig)}
+                | {f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)})
     assert set(flat) == expected
 
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from bitlm.codec import bits_to_bytes, bytes_to_bits
-from bitlm.config import DiffusionConfig, ModelConfig, TrainConfig
+from bitlm.config import DiffusionConfig, ExperimentConfig, ModelConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.diffusion import (SCHEDULES, diffusion_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative,
+from bitlm.diffusion import (SCHEDULES, diffusion_batch_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative,
                              masked_count_distribution, sample_masked_counts)
-from bitlm.engine import MetricDriftWarning, _drift, fit
+from bitlm.engine import MetricDriftWarning, fit
+from bitlm.validation import drift as _drift
 from bitlm.model import BitTransformerLM
 from bitlm.objective import LossOutput, telemetry_penalty
 
@@ -87,7 +88,7 @@ def test_the_estimator_is_unbiased_for_the_bound_enumerated_over_every_masked_se
                 nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), bits.reshape(-1), reduction="none")
                 total += float((nll * masked.reshape(-1)).sum()) / math.log(2)
             exact += total / len(sets) / k
-        out = diffusion_loss(model, window.repeat(4000, 1), schedule="cosine", generator=torch.Generator().manual_seed(1))
+        out = diffusion_batch_loss(model, window.repeat(4000, 1), schedule="cosine", generator=torch.Generator().manual_seed(1))
     assert float(out.nll_bits) / 4000 == pytest.approx(exact, rel=0.02)
 
 
@@ -124,9 +125,9 @@ def test_elbo_is_finite_and_at_least_that_of_a_perfectly_informed_denoiser():
     model = make()
     batch = torch.as_tensor(list(TEXT[:64 * 4]), dtype=torch.uint8).view(4, 64)
     gen = torch.Generator().manual_seed(0)
-    learned = diffusion_loss(model, batch, schedule="cosine", generator=gen)
+    learned = diffusion_batch_loss(model, batch, schedule="cosine", generator=gen)
     clean = torch.as_tensor(bytes_to_bits(TEXT[:256]), dtype=torch.float32).view(4, -1)
-    oracle = diffusion_loss(_Oracle(clean, model.config), batch, schedule="cosine",
+    oracle = diffusion_batch_loss(_Oracle(clean, model.config), batch, schedule="cosine",
                             generator=torch.Generator().manual_seed(0))
     assert math.isfinite(float(learned.nll_bits)) and math.isfinite(float(learned.loss.detach()))
     assert float(oracle.nll_bits) == pytest.approx(0.0, abs=1e-3)
@@ -171,7 +172,8 @@ def test_fit_trains_a_diffusion_model_and_reports_the_elbo(arch):
     cfg = TrainConfig(batch_size=8, context_bytes=16, max_steps=30, warmup_steps=2, log_every=1, eval_every=30,
                       eval_batches=2)
     logs = []
-    result = fit(model, corpus, cfg, diffusion=DiffusionConfig(noise_schedule="linear", curriculum=True),
+    result = fit(model, corpus, ExperimentConfig(model=model.config, train=cfg,
+                                                 diffusion=DiffusionConfig(noise_schedule="linear", curriculum=True)),
                  report=lambda m, c: logs.append(m))
     assert "val/elbo_bpb" in result.metrics and "val/bpb" not in result.metrics
     assert 0 < result.metrics["val/elbo_bpb"] < 20
@@ -232,7 +234,7 @@ def test_patched_diffusion_masks_whole_bytes_and_scores_them_down_the_tree():
 
     model.forward = spy
     batch = torch.as_tensor(list(TEXT[:64]), dtype=torch.uint8).view(2, 32)
-    diffusion_loss(model, batch, schedule="linear", generator=torch.Generator().manual_seed(1))
+    diffusion_batch_loss(model, batch, schedule="linear", generator=torch.Generator().manual_seed(1))
     x, prefix = seen[0]
     per_byte = (x == 2).view(2, 32, 9)
     assert bool((per_byte.all(-1) | ~per_byte.any(-1)).all())  # a byte is masked entirely or not at all
@@ -258,7 +260,7 @@ def test_a_diffusion_model_learns_masked_bytes_from_their_neighbours():
     model = make(max_seq_len=32).train()
     cfg = TrainConfig(batch_size=16, context_bytes=32, max_steps=150, warmup_steps=10, lr=3e-3, log_every=50,
                       eval_every=150, eval_batches=1)
-    fit(model, corpus, cfg, diffusion=DiffusionConfig(noise_schedule="linear"))
+    fit(model, corpus, ExperimentConfig(model=model.config, train=cfg, diffusion=DiffusionConfig(noise_schedule="linear")))
     val = next(corpus.val.sequential_batches(8, 32))
     assert _bits_per_masked_byte(model.eval(), val, rate=0.1) < 1.3
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitlm import checkpoint as ckpt
-from bitlm.config import ModelConfig, ScalingConfig, TrainConfig
+from bitlm.config import ExperimentConfig, ModelConfig, ScalingConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
@@ -27,7 +27,7 @@ def corpus():
 def run(corpus, scaling=ALWAYS, cfg=TRAIN, **kwargs):
     torch.manual_seed(0)
     events = []
-    result = fit(BitTransformerLM(MODEL), corpus, cfg, scaling=scaling,
+    result = fit(BitTransformerLM(MODEL), corpus, ExperimentConfig(model=MODEL, train=cfg, scaling=scaling),
                  report=lambda m, c: events.append((dict(m), c)), **kwargs)
     return result, events
 
@@ -88,7 +88,8 @@ def test_every_expansion_is_a_checkpoint_and_resume_continues_with_the_grown_mod
 
     torch.manual_seed(0)
     with pytest.raises(Interrupt):
-        fit(BitTransformerLM(MODEL), corpus, TRAIN, scaling=ALWAYS, report=stop_after_the_second_expansion,
+        fit(BitTransformerLM(MODEL), corpus, ExperimentConfig(model=MODEL, train=TRAIN, scaling=ALWAYS),
+            report=stop_after_the_second_expansion,
             checkpoint_dir=tmp_path / "b")
     assert saved == [8, 16]  # one checkpoint per expansion (no periodic ones in this config)
     resumed, _ = run(corpus, checkpoint_dir=tmp_path / "b")

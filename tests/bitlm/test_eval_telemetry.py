@@ -133,3 +133,18 @@ def test_diffusion_telemetry_is_reproducible_for_the_same_weights(corpus):
     model = model_of(KINDS["diffusion"], corpus, 0)
     cfg = dataclasses.replace(TRAIN, seed=3)
     assert evaluate(model, corpus, cfg) == evaluate(model, corpus, cfg)
+
+
+@pytest.mark.parametrize("kind", ["flat", "patched", "byte"])
+def test_evaluate_text_is_evaluate_bpb_on_a_text_that_fits_one_window(kind):
+    from bitlm.evaluation import evaluate_text
+    from bitlm.objective import evaluate_bpb
+
+    torch.manual_seed(0)
+    model = BitTransformerLM(ModelConfig.from_name("tiny", kind=kind)).eval()
+    data = TEXT[:40]  # 40 bytes: well inside the tiny preset's 128-byte context
+    window = torch.tensor([list(data)], dtype=torch.uint8)
+    expected = evaluate_bpb(model, [window])
+    got = evaluate_text(model, data)
+    assert got["n_bytes"] == expected["n_bytes"] == len(data) - 1
+    assert got["bpb"] == pytest.approx(expected["bpb"], rel=1e-5)

@@ -118,7 +118,7 @@ def test_an_explicit_damaged_resume_point_is_one_clear_error(corpus, tmp_path):
     bad = tmp_path / "a" / "step-00000002"
     break_trainer_state(bad)
     with pytest.raises(ckpt.CheckpointError, match="cannot resume from .*step-00000002: trainer_state.json is not"):
-        train(corpus, tmp_path / "b", resume=False, resume_from=bad)
+        train(corpus, tmp_path / "b", resume_from=bad)
 
 
 def test_temp_directories_of_an_interrupted_save_are_removed(corpus, tmp_path):

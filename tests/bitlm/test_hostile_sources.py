@@ -120,7 +120,7 @@ def _run_directory(root: Path, model_dir: Path, *, with_model: bool, steps: tupl
 
 
 def test_a_run_directory_is_its_model_for_generate_eval_and_serve(model_dir, tmp_path):
-    from serve.sources import resolve_source
+    from serve.model_sources import resolve_source
 
     run_dir = _run_directory(tmp_path, model_dir, with_model=True, steps=(3, 10))
     assert resolve_pretrained(run_dir) == run_dir / "model"

@@ -76,7 +76,7 @@ result["int4_dir"] = str(download("user/tiny-int4"))
 from bitlm.hub import download
 result["fp32_dir"] = str(download("user/tiny-patched"))
 result["int4_dir"] = str(download("user/tiny-int4"))
-from serve.sources import resolve_source
+from serve.model_sources import resolve_source
 result["served"] = str(resolve_source("hf://user/tiny-int4", allowed_roots=["/nonexistent"]))
 """ + _errors({"never_pulled": "download('user/never-pulled')"}), offline=True)
         n_offline = len(hub.requests) - n_online

@@ -7,6 +7,7 @@ import torch
 
 from bitlm.config import ModelConfig
 from bitlm.model import MASK, BitTransformerLM
+from bitlm.parallel import apply_activation_checkpointing
 
 TINY = ModelConfig.from_name("tiny", max_seq_len=128)
 OPTIONS = {
@@ -20,7 +21,9 @@ OPTIONS = {
 
 def make(seed=0, **overrides):
     torch.manual_seed(seed)
-    return BitTransformerLM(dataclasses.replace(TINY, **overrides)).eval()
+    checkpointed = overrides.pop("checkpoint_activations", False)  # applied from outside the model
+    model = BitTransformerLM(dataclasses.replace(TINY, **overrides)).eval()
+    return apply_activation_checkpointing(model) if checkpointed else model
 
 
 def random_bits(batch=2, length=72, seed=1):

@@ -8,7 +8,8 @@ import torch
 from bitlm import checkpoint as ckpt
 from bitlm.config import ModelConfig
 from bitlm.model import MASK, BitTransformerLM
-from bitlm.objective import causal_loss
+from bitlm.objective import batch_loss as causal_loss
+from bitlm.parallel import apply_activation_checkpointing
 from bitlm.sampling import generate, generate_ids
 
 PATCHED = ModelConfig.from_name("tiny", arch="patched", max_seq_len=16)
@@ -23,7 +24,9 @@ OPTIONS = {
 
 def make(seed=0, **overrides):
     torch.manual_seed(seed)
-    return BitTransformerLM(dataclasses.replace(PATCHED, **overrides)).eval()
+    checkpointed = overrides.pop("checkpoint_activations", False)  # applied from outside the model
+    model = BitTransformerLM(dataclasses.replace(PATCHED, **overrides)).eval()
+    return apply_activation_checkpointing(model) if checkpointed else model
 
 
 def random_bits(batch=2, n_bytes=10, bpb=9, seed=1):

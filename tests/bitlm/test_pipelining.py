@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import pipeline_workers as workers
 from bitlm.config import ModelConfig, TrainConfig
-from bitlm.engine import build_optimizer, evaluate, fit
+from bitlm.engine import build_optimizer, evaluate
 from bitlm.model import BitTransformerLM
-from bitlm.objective import causal_loss, model_inputs
+from bitlm.objective import batch_loss, model_inputs
 from bitlm.parallel import load_named_optimizer_state, make_strategy
 from bitlm.pipelining import PipelineStrategy, stage_layers
 
@@ -26,7 +24,6 @@ STEP_SCENARIOS = [
 EVAL_SCENARIOS = [{"name": "flat", "kind": "flat", "n_layers": 2},
                   {"name": "patched", "kind": "patched", "n_layers": 3},
                   {"name": "byte", "kind": "byte", "n_layers": 2}]
-FITS = "strategy" in inspect.signature(fit).parameters  # engine.fit(strategy=...) exists
 FIT_SCENARIO = {"kind": "patched", "n_layers": 2, "schedule": "1f1b"}
 
 
@@ -36,7 +33,7 @@ def runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pipeline")
     try:
         mp.spawn(workers.run_all, args=(WORLD, str(directory), STEP_SCENARIOS, EVAL_SCENARIOS,
-                                         FIT_SCENARIO if FITS else None), nprocs=WORLD, join=True)
+                                         FIT_SCENARIO), nprocs=WORLD, join=True)
     except mp.ProcessExitedException:
         # a rank is sometimes aborted by gloo's threads while the process exits ("terminate called
         # without an active exception", about 1 run in 5 on 2 cores), after every result was written
@@ -61,7 +58,7 @@ def evals(runs):
 
 def _reference(kind: str, n_layers: int) -> tuple[BitTransformerLM, object]:
     model = workers.tiny_model(kind, n_layers)
-    out = causal_loss(model, workers.fixed_batch())
+    out = batch_loss(model, workers.fixed_batch())
     out.loss.backward()
     out.loss = out.loss.detach()
     return model, out
@@ -78,7 +75,7 @@ def test_unknown_schedule_names_the_field():
 
 
 def test_1f1b_needs_a_micro_batch_per_stage():
-    with pytest.raises(ValueError, match="pipeline.n_microbatches"):
+    with pytest.raises(ValueError, match="parallel.n_microbatches"):
         PipelineStrategy(rank=0, world_size=4, n_microbatches=2, schedule="1f1b")
 
 
@@ -182,7 +179,6 @@ def test_load_full_state_restores_every_rank(evals, scenario):
     assert all(per_rank[r][scenario]["restored"] for r in range(WORLD))
 
 
-@pytest.mark.skipif(not FITS, reason="engine.fit takes no strategy yet")
 def test_fit_with_pipeline_lowers_the_loss(runs):
     histories = [torch.load(runs / f"fit-{r}.pt") for r in range(WORLD)]
     losses = [[m["train/loss"] for m in h if "train/loss" in m] for h in histories]

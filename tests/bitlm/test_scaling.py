@@ -8,7 +8,8 @@ import torch
 
 from bitlm.config import ModelConfig, ScalingConfig
 from bitlm.model import BYTE_MASK, MASK, BitTransformerLM
-from bitlm.objective import causal_loss
+from bitlm.objective import batch_loss as causal_loss
+from bitlm.parallel import apply_activation_checkpointing
 from bitlm.scaling import (PlateauDetector, can_expand, count_parameters, expand_model, expanded_config,
                            expanded_lr_scale, next_expansion)
 
@@ -31,10 +32,13 @@ KINDS = ("depth", "width", "context")
 
 def make(variant="flat", seed=0, **overrides):
     kind, options = VARIANTS[variant]
+    options = dict(options)
+    checkpointed = options.pop("checkpoint_activations", False)  # applied from outside the model
     cfg = ModelConfig.from_name("tiny", kind, **SHAPE)
     cfg = dataclasses.replace(cfg, max_seq_len=CONTEXT_BYTES * cfg.positions_per_byte, **(options | overrides))
     torch.manual_seed(seed)
-    return BitTransformerLM(cfg).eval()
+    model = BitTransformerLM(cfg).eval()
+    return apply_activation_checkpointing(model) if checkpointed else model
 
 
 def inputs(model, n_ids=None, seed=1):
@@ -128,8 +132,8 @@ def test_depth_expansion_of_an_act_model_raises():
         expand_model(make(act=True), "depth", generator=seeded())
 
 
-def test_unknown_strategy_and_wrapped_models_are_rejected():
-    with pytest.raises(ValueError, match="strategy"):
+def test_unknown_kinds_and_wrapped_models_are_rejected():
+    with pytest.raises(ValueError, match="expansion kind"):
         expand_model(make(), "heads")
     with pytest.raises(TypeError, match="BitTransformerLM"):
         expand_model(torch.nn.Linear(2, 2), "depth")

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from bitlm import checkpoint as ckpt
-from bitlm.config import ModelConfig, ScalingConfig, TrainConfig, from_dict
+from bitlm.config import ModelConfig, ParallelConfig, ScalingConfig, TrainConfig, from_dict
 from bitlm.data import Corpus
 from bitlm.engine import evaluate, fit
 from bitlm.model import BitTransformerLM
@@ -27,8 +27,9 @@ TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=16, warmup_steps=2
 CURVE_TOLERANCE = 2e-3  # val bpb of a 2-worker run vs one worker on the same global batch (float reduction order)
 
 
-def config(corpus_dir, tmp_path, name, **run) -> PipelineConfig:
+def config(corpus_dir, tmp_path, name, strategy="ddp", n_microbatches=4, **run) -> PipelineConfig:
     return PipelineConfig(model=MODEL, train=TRAIN,
+                          parallel=ParallelConfig(strategy=strategy, n_microbatches=n_microbatches),
                           run=RayRunConfig(name=name, experiment="tests", storage_path=str(tmp_path / "ray"),
                                            data=str(corpus_dir), num_workers=2, cpus_per_worker=1.0, **run))
 
@@ -78,7 +79,7 @@ def test_the_mlflow_run_holds_params_metrics_and_a_loadable_model(ddp_run, track
 
     run = run_metrics(tracking, "ddp")
     assert run.info.status == "FINISHED"
-    assert run.data.params["run.strategy"] == "ddp" and run.data.params["model.arch"] == "patched"
+    assert run.data.params["parallel.strategy"] == "ddp" and run.data.params["model.arch"] == "patched"
     for key in ("train/loss", "val/bpb", "val/K", "val/C", "val/S", "bits_per_s", "bits_seen", "lr",
                 "model/n_parameters"):
         assert key in run.data.metrics, key
@@ -144,8 +145,8 @@ def test_progressive_scaling_expands_twice_with_unchanged_logits_and_logs_events
 
 
 def test_configs_validate_and_load_from_json(tmp_path):
-    with pytest.raises(ValueError, match="run.strategy"):
-        RayRunConfig(strategy="zero3")
+    with pytest.raises(ValueError, match="parallel.strategy"):
+        ParallelConfig(strategy="zero3")
     with pytest.raises(ValueError, match="run.num_workers"):
         RayRunConfig(num_workers=0)
     example = Path(__file__).resolve().parents[2] / "pipelines/configs/tiny-cpu.json"

@@ -13,7 +13,7 @@ import torch
 
 from bitlm.checkpoint import read_config
 from bitlm.sampling import generate
-from serve.sources import SourceError, resolve_source
+from serve.model_sources import SourceError, resolve_source
 
 PASS = {"c_floor": 0.0, "s_floor": 0.0}  # floors nothing breaks
 BLOCK = {"c_floor": 1.0, "s_floor": 1.0}  # floors everything breaks (see REFERENCE in conftest)

@@ -1,11 +1,11 @@
-"""Tests for bitlm.sources: the stream plan and span reads that prepare_corpus and the Ray job share."""
+"""Tests for bitlm.corpus_sources: the stream plan and span reads that prepare_corpus and the Ray job share."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bitlm.sources import plan_stream, read_stream
+from bitlm.corpus_sources import plan_stream, read_stream
 
 
 @pytest.fixture

@@ -1,0 +1,73 @@
+"""The flat body: one transformer position per input id (the seeds' design, and the byte baseline).
+
+forward is embed -> stack -> norm + head, each skipped when the module is None: a pipeline stage
+is this body with the modules another stage runs set to None (bitlm.pipelining).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attention import DecodeState, KVCache, sinusoidal_table
+from .blocks import BlockStack, StackOutput
+from .config import ModelConfig
+
+
+class FlatBody(nn.Module):
+    """Ids (B, T) -> logits (B, T, V); a later pipeline stage takes hidden states (B, T, d) instead."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        is_bits = cfg.representation == "bit"
+        self.n_inputs = 3 if is_bits else 257  # + MASK
+        self.n_outputs = 2 if is_bits else 256
+        self.embed = nn.Embedding(self.n_inputs, cfg.d_model)
+        # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
+        self.phase = nn.Embedding(cfg.bits_per_byte, cfg.d_model) if is_bits else None
+        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.stack = BlockStack(cfg)
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, self.n_outputs)
+
+    @property
+    def cache_capacity(self) -> int:
+        return self.cfg.max_seq_len
+
+    def embed_ids(self, x: torch.Tensor, start: int, offset: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, T) ids placed after `start` cached positions -> (B, T, d) stack inputs."""
+        T = x.shape[1]
+        h = self.embed(x) + self.positions[start:start + T]  # (B, T, d)
+        if offset is not None:  # (B, 1, d): the stream marker of each row
+            h = h + offset
+        if self.phase is not None:
+            h = h + self.phase(torch.arange(start, start + T, device=x.device) % self.cfg.bits_per_byte)
+        return h
+
+    def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
+                return_weights: bool = False, offset: Optional[torch.Tensor] = None,
+                readout: bool = True) -> tuple[torch.Tensor, StackOutput]:
+        """readout: accepted for the patched body's sake; the flat head's output already is the logits."""
+        start = cache.length if cache is not None else 0
+        h = self.embed_ids(x, start, offset) if self.embed is not None else x
+        out = self.stack(h, causal=causal, cache=cache, return_weights=return_weights)
+        if cache is not None:
+            cache.advance(x.shape[1])
+        if self.head is None:
+            return out.hidden, out
+        return self.head(self.norm(out.hidden.to(h.dtype))), out
+
+    def readout(self, out: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits from the last stage's output: the flat head's output already is."""
+        return out
+
+    def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
+        logits, _ = self(ids, causal=True, cache=cache)
+        return DecodeState(cache=cache), logits[:, -1]
+
+    def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = self(next_ids[:, None], causal=True, cache=state.cache)
+        return logits[:, -1]
