@@ -30,9 +30,9 @@ from bitlm.rundir import run_safety_config
 from .audit import AuditLog
 from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
 from .guard import RESERVED_SLOTS, UNAUTHORIZED, RequestGuard, token_digest, token_matches
-from .schemas import (AppArgs, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest, ScoreResponse,
-                      Telemetry, Timings)
 from .model_sources import resolve_source
+from .schemas import (AppArgs, Batch, GenerateRequest, GenerateResponse, Health, ModelInfo, ScoreRequest,
+                      ScoreResponse, Telemetry, Timings)
 
 STATIC_INDEX = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -148,7 +148,7 @@ class BitLMServer:
         arrived = time.perf_counter()
         request_id = uuid.uuid4().hex
         job = self._job(body)
-        outcome, started, finished = await self._generate_batch((job, arrived))
+        outcome, started, finished, batch = await self._generate_batch((job, arrived))
         if isinstance(outcome, Exception):  # this job alone failed; the rest of its batch was answered
             raise outcome
         verdict = outcome.verdict
@@ -172,14 +172,15 @@ class BitLMServer:
             telemetry=Telemetry(K=verdict.raw_K, C=verdict.raw_C, S=verdict.raw_S), gate=gate,
             timings=Timings(queue_ms=(started - arrived) * 1e3, generate_ms=(finished - started) * 1e3,
                             total_ms=(now - arrived) * 1e3),
-            model=self.name, request_id=request_id)
+            batch=batch, model=self.name, request_id=request_id)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)  # both reset from the args in __init__
-    async def _generate_batch(self, items: list[tuple[Job, float]]) -> list[tuple[Any, float, float]]:
+    async def _generate_batch(self, items: list[tuple[Job, float]]) -> list[tuple[Any, float, float, Batch]]:
         started = time.perf_counter()
         outcomes = await asyncio.to_thread(self._locked, run_gated_isolated, self.model, [job for job, _ in items])
         finished = time.perf_counter()
-        return [(outcome, started, finished) for outcome in outcomes]
+        batch = Batch(id=uuid.uuid4().hex, size=len(items))
+        return [(outcome, started, finished, batch) for outcome in outcomes]
 
     def _locked(self, fn, *args):
         with self._model_lock:

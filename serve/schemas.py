@@ -61,12 +61,18 @@ class Timings(BaseModel):
     total_ms: float
 
 
+class Batch(BaseModel):
+    id: str = Field(description="Names the batch this request was sampled in; callers of one batch share it.")
+    size: int = Field(description="Requests sampled together in that batch.")
+
+
 class GenerateResponse(BaseModel):
     text: Optional[str] = Field(description="Prompt + continuation; null when the gate blocked every attempt.")
     n_bits: int = Field(description="Bits sampled for the kept (or last) attempt's continuation.")
     telemetry: Telemetry
     gate: dict[str, Any] = Field(description="The gate's verdict (bitlm.safety.Verdict) with one entry per attempt.")
     timings: Timings
+    batch: Batch
     model: str
     request_id: str
 

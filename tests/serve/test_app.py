@@ -139,8 +139,12 @@ def test_concurrent_requests_each_get_their_own_seeded_result(server):
     assert [b["gate"]["attempts"][0]["seed"] for b in batched] == list(range(100, 108))
     assert [batched[0]["text"], batched[5]["text"]] == [a["text"] for a in alone]
     assert len({b["text"] for b in batched}) > 1
-    # callers of one batch share its generate time: 8 callers in fewer than 8 batches
-    assert len({b["timings"]["generate_ms"] for b in batched}) < 8
+    # the server names each request's batch: 8 concurrent callers in fewer than 8 batches, each batch's
+    # size the number of callers that report its id; requests sent one at a time are batches of one
+    ids = [b["batch"]["id"] for b in batched]
+    assert len(set(ids)) < 8
+    assert all(b["batch"]["size"] == ids.count(b["batch"]["id"]) for b in batched)
+    assert [a["batch"]["size"] for a in alone] == [1, 1] and not {a["batch"]["id"] for a in alone} & set(ids)
 
 
 # --- safety gate and audit log ---------------------------------------------------------------------------
