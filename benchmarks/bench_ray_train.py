@@ -19,7 +19,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from bitlm.config import ModelConfig, TrainConfig
+from bitlm.config import ModelConfig, ParallelConfig, TrainConfig
 from bitlm.data import Corpus, prepare_corpus
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
@@ -49,8 +49,8 @@ def in_process(corpus_dir: Path, model_cfg: ModelConfig, train: TrainConfig, thr
 
 
 def through_ray(corpus_dir: Path, model_cfg: ModelConfig, train: TrainConfig, storage: Path, uri: str,
-                name: str, **run) -> tuple[float, float]:
-    cfg = PipelineConfig(model=model_cfg, train=train,
+                name: str, strategy: str = "ddp", **run) -> tuple[float, float]:
+    cfg = PipelineConfig(model=model_cfg, train=train, parallel=ParallelConfig(strategy=strategy),
                          run=RayRunConfig(name=name, experiment="bench", storage_path=str(storage),
                                           data=str(corpus_dir), **run))
     start = time.perf_counter()
