@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional
 
 from .fields import (check, check_choice, check_fields, check_range, check_value, field_types, is_int,
                      is_real, show, takes_float)
-from .renames import upgrade_document
+from .renames import accepts_old_names, upgrade_document
 
 Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
@@ -27,7 +27,7 @@ Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
 # accelerator today (the base preset: d_model 512, 8 layers, at most 4608 positions).
 MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "d_model": (1, 65_536), "n_heads": (1, 1024), "n_layers": (1, 1024), "d_ff": (1, 1_048_576),
-    "max_seq_len": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "local_layers": (0, 1024), "n_streams": (1, 1024),
+    "max_seq_len": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
 }
 MAX_BATCH_SIZE = 1_000_000
 # fit derives generator seeds as seed * 1_000_003 + index; below 2**32 those stay inside
@@ -35,6 +35,7 @@ MAX_BATCH_SIZE = 1_000_000
 MAX_SEED = 2 ** 32 - 1
 
 
+@accepts_old_names("model")
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Shape and options of a BitTransformerLM."""
@@ -56,7 +57,7 @@ class ModelConfig:
     act_threshold: float = 0.99
     # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
     local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
-    local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
+    n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
 
     def __post_init__(self) -> None:
@@ -135,6 +136,7 @@ MODEL_PRESETS: dict[Preset, dict[str, int]] = {
 }
 
 
+@accepts_old_names("train")
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Optimisation, schedule, evaluation and checkpoint cadence of one training run."""
@@ -155,11 +157,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: Precision = "auto"
     compile: bool = False
-    log_every: int = 25
-    eval_every: int = 200
-    eval_batches: int = 20
-    checkpoint_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 2
+    log_every_steps: int = 25
+    eval_every_steps: int = 200
+    n_eval_batches: int = 20
+    checkpoint_every_steps: int = 0  # 0: only at the end
+    n_checkpoints_kept: int = 2
     # telemetry regularisers: loss += lambda * (1 - metric) on differentiable proxies of K, C, S
     lambda_k: float = 0.0
     lambda_c: float = 0.0
@@ -180,7 +182,8 @@ class TrainConfig:
         check_fields(self, "train.")
         check_range(self.seed, "train.seed", 0, MAX_SEED)
         check_range(self.batch_size, "train.batch_size", 1, MAX_BATCH_SIZE)
-        for name in ("grad_accum_steps", "max_steps", "log_every", "eval_every", "eval_batches", "keep_checkpoints"):
+        for name in ("grad_accum_steps", "max_steps", "log_every_steps", "eval_every_steps", "n_eval_batches",
+                     "n_checkpoints_kept"):
             check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         # the upper end is the largest model context (model.max_seq_len); ExperimentConfig checks the actual one
         check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_seq_len"][1])
@@ -192,7 +195,8 @@ class TrainConfig:
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
-        check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+              f"must be >= 0, got {self.checkpoint_every_steps}")
         for name in ("lambda_k", "lambda_c", "lambda_s"):
             check(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.drift_window >= 1, "train.drift_window", f"must be >= 1, got {self.drift_window}")
@@ -220,15 +224,16 @@ class DiffusionConfig:
 ExpansionKind = Literal["depth", "width", "context"]
 
 
+@accepts_old_names("scaling")
 @dataclass(frozen=True, kw_only=True)
 class ScalingConfig:
     """Progressive scaling: grow the model when validation loss plateaus (bitlm.scaling)."""
 
     enabled: bool = False
-    window: int = 3  # evaluations per window of the plateau detector
+    n_plateau_evals: int = 3  # evaluations per window of the plateau detector
     improve_thresh: float = 0.01  # plateau: relative val-loss improvement between windows below this
     order: str = "depth,width,context"  # expansions cycle through these kinds, comma-separated
-    add_layers: int = 1  # layers a depth expansion appends
+    n_added_layers: int = 1  # layers a depth expansion appends
     max_expansions: int = 6
     max_parameters: int = 100_000_000  # no expansion may grow the model past this
     max_context_bytes: int = 4096  # no context expansion past this
@@ -237,13 +242,13 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "scaling.")
-        check(self.window >= 1, "scaling.window", f"must be >= 1, got {self.window}")
+        check(self.n_plateau_evals >= 1, "scaling.n_plateau_evals", f"must be >= 1, got {self.n_plateau_evals}")
         check(self.improve_thresh >= 0, "scaling.improve_thresh", f"must be >= 0, got {self.improve_thresh}")
         kinds = self.kinds
         check(len(kinds) >= 1, "scaling.order", "must name at least one of depth, width, context")
         for kind in kinds:
             check_choice(kind, "scaling.order", ExpansionKind)
-        check_range(self.add_layers, "scaling.add_layers", 1, MODEL_BOUNDS["n_layers"][1])
+        check_range(self.n_added_layers, "scaling.n_added_layers", 1, MODEL_BOUNDS["n_layers"][1])
         check(self.max_expansions >= 0, "scaling.max_expansions", f"must be >= 0, got {self.max_expansions}")
         check(self.max_parameters >= 1, "scaling.max_parameters", f"must be >= 1, got {self.max_parameters}")
         check(self.max_context_bytes >= 2, "scaling.max_context_bytes",

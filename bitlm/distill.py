@@ -166,7 +166,7 @@ def widen(model: BitTransformerLM, width_scale: float, *, generator: Optional[to
 def measure(model, corpus, *, context_bytes: int, batch_size: int = 16, eval_batches: int = 8,
             config: DistillConfig = DistillConfig()) -> dict[str, float]:
     """val_bpb, val_K/C/S (predictions on held-out text) and sample_C/S (C and S of generated samples)."""
-    cfg = TrainConfig(batch_size=batch_size, context_bytes=context_bytes, eval_batches=eval_batches,
+    cfg = TrainConfig(batch_size=batch_size, context_bytes=context_bytes, n_eval_batches=eval_batches,
                       seed=config.seed, precision="fp32")
     scores = evaluate(model, corpus, cfg)
     val = (corpus.val if corpus.val.n_windows else corpus.train).to_numpy()
@@ -275,7 +275,7 @@ def collapse_submodel(teacher, corpus: Corpus, floors: dict[str, float], *, stud
     config = config or DistillConfig()
     if width_scale is not None:  # the argument wins over config.width_scale (1.5 by default)
         config = dataclasses.replace(config, width_scale=width_scale)
-    train = train or TrainConfig(max_steps=200, warmup_steps=20, eval_every=100, eval_batches=4, log_every=50)
+    train = train or TrainConfig(max_steps=200, warmup_steps=20, eval_every_steps=100, n_eval_batches=4, log_every_steps=50)
     unknown = sorted(set(floors) - set(FLOOR_METRICS))
     if unknown:
         raise ValueError(f"floors: unknown {unknown}; known: {sorted(FLOOR_METRICS)}")
@@ -292,7 +292,7 @@ def collapse_submodel(teacher, corpus: Corpus, floors: dict[str, float], *, stud
 
     def measured(model):
         return measure(model, corpus, context_bytes=context, batch_size=train.batch_size,
-                       eval_batches=train.eval_batches, config=config)
+                       eval_batches=train.n_eval_batches, config=config)
 
     teacher_metrics = measured(teacher)
     torch.manual_seed(train.seed)

@@ -80,9 +80,9 @@ def fit(model, corpus, cfg: ExperimentConfig | TrainConfig, *, strategy: Optiona
             bar.set_postfix(loss=f"{trainer.last_loss:.4f}")
         final = trainer.done()
         trainer.log(final)
-        if trainer.due("eval_every", final) and trainer.evaluate_and_grow(final):
+        if trainer.due("eval_every_steps", final) and trainer.evaluate_and_grow(final):
             continue  # an expansion is a checkpoint of its own
-        if checkpoint_dir is not None and (final or trainer.due("checkpoint_every", final=False)):
+        if checkpoint_dir is not None and (final or trainer.due("checkpoint_every_steps", final=False)):
             trainer.save(final)
     if bar is not None:
         bar.close()
@@ -101,7 +101,7 @@ class Trainer:
         self.step, self.train_seconds, self.history, self.expansions = 0, 0.0, [], []
         self.context_bytes = cfg.train.context_bytes
         self.saved, self.last_checkpoint = None, None
-        self.detector = PlateauDetector(cfg.scaling.window, cfg.scaling.improve_thresh) if cfg.scaling.enabled else None
+        self.detector = PlateauDetector(cfg.scaling.n_plateau_evals, cfg.scaling.improve_thresh) if cfg.scaling.enabled else None
         self.data_reference: Optional[dict[str, float]] = None
         self.window, self.last_loss, self.grad_norm, self.lr = Window(), math.nan, None, cfg.train.lr
         # Data-parallel ranks each take batch_size rows of one global batch drawn as a single process
@@ -178,7 +178,7 @@ class Trainer:
 
     def _set_context(self, context_bytes: int) -> None:
         self.context_bytes = context_bytes
-        # every rank scores the same eval_batches global batches: W workers evaluate what one worker with
+        # every rank scores the same n_eval_batches global batches: W workers evaluate what one worker with
         # a W-times batch evaluates, so their curves are comparable
         self.eval_cfg = dataclasses.replace(self.cfg, context_bytes=context_bytes,
                                             batch_size=self.cfg.batch_size * self.replicas)
@@ -276,8 +276,8 @@ class Trainer:
             raise NonFiniteLossError(self.step + 1, f"{what} is {value}", self.last_checkpoint)
 
     def log(self, final: bool) -> None:
-        """Report the window's training metrics every train.log_every steps and at the end."""
-        if not self.due("log_every", final):
+        """Report the window's training metrics every train.log_every_steps steps and at the end."""
+        if not self.due("log_every_steps", final):
             return
         w, bpb = self.window, self.base.config.bits_per_byte
         bytes_per_s = w.n_steps * self.bytes_per_step / w.seconds
@@ -342,7 +342,7 @@ class Trainer:
                 trainer["plateau"] = self.detector.state_dict()
             path = self.last_checkpoint = ckpt.save_checkpoint(ckpt.step_directory(self.checkpoint_dir, self.step),
                                                                self.base, self.optimizer, trainer, state=gathered)
-            ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.keep_checkpoints)
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.cfg.n_checkpoints_kept)
         self.emit({"step": self.step, "final": final}, path)
 
     def result(self) -> FitResult:

@@ -67,20 +67,33 @@ def apply_overrides(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
     come before the model.max_seq_len that makes room for it.
     """
     changes: dict[str, Any] = {}
+    given: dict[str, str] = {}  # current key -> the old key an assignment used (errors name what was written)
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value, e.g. model.n_layers=8")
         key, value = (part.strip() for part in item.split("=", 1))
-        key = current_key(key)  # a key renamed or moved since (bitlm.renames)
+        if current_key(key) != key:  # a key renamed or moved since (bitlm.renames)
+            given[current_key(key)] = key
+            key = current_key(key)
         path = key.split(".")
         tp = _field_type(cfg, path, key)
-        coerced = _coerce(value, tp, key)
-        check_value(coerced, tp, key)
+        shown = given.get(key, key)
+        coerced = _coerce(value, tp, shown)
+        check_value(coerced, tp, shown)
         node = changes
         for name in path[:-1]:
             node = node.setdefault(name, {})
         node[path[-1]] = coerced
-    return _replace_nested(cfg, changes) if changes else cfg
+    if not changes:
+        return cfg
+    try:
+        return _replace_nested(cfg, changes)
+    except ValueError as err:
+        text = str(err)
+        for key, old in given.items():
+            if text.startswith(f"{key}:"):
+                raise ValueError(f"{old}{text[len(key):]} ({old} is now {key})") from None
+        raise
 
 
 def _field_type(cfg: Any, path: list[str], full_key: str) -> Any:

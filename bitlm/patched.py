@@ -70,7 +70,7 @@ class PatchedBody(nn.Module):
         hidden = cfg.local_d_ff
         # linear like the byte model's head: node scores are then bilinear in the global state
         self.to_local = nn.Sequential(nn.Linear(d, hidden),
-                                      *(_ResidualMLP(hidden, 2 * hidden) for _ in range(cfg.local_layers)))
+                                      *(_ResidualMLP(hidden, 2 * hidden) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
         self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
         self.node_bias = nn.Embedding(n_tree + bpb, 1)

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
+
+# fields renamed inside their section (counts start with n_, units are in names): section -> {old: new}
+RENAMED_FIELDS: dict[str, dict[str, str]] = {
+    "model": {"local_layers": "n_local_layers"},
+    "train": {"eval_batches": "n_eval_batches", "keep_checkpoints": "n_checkpoints_kept",
+              "log_every": "log_every_steps", "eval_every": "eval_every_steps",
+              "checkpoint_every": "checkpoint_every_steps"},
+    "scaling": {"add_layers": "n_added_layers", "window": "n_plateau_evals"},
+}
 
 # old dotted key -> its dotted key now
 LEGACY_KEYS: dict[str, str] = {
@@ -11,7 +21,30 @@ LEGACY_KEYS: dict[str, str] = {
     "run.strategy": "parallel.strategy",
     "run.n_microbatches": "parallel.n_microbatches",
     "run.pipeline_schedule": "parallel.pipeline_schedule",
-}
+} | {f"{section}.{old}": f"{section}.{new}" for section, names in RENAMED_FIELDS.items() for old, new in names.items()}
+
+
+def accepts_old_names(section: str):
+    """Class decorator of a config dataclass: its renamed fields' old names still work as keyword
+    arguments (dataclasses.replace included) and as read-only attributes."""
+    renamed = RENAMED_FIELDS[section]
+
+    def decorate(cls):
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, **kwargs):
+            for old, new in renamed.items():
+                if old in kwargs:  # given by its old name; dataclasses.replace passes the current value too
+                    kwargs[new] = kwargs.pop(old)
+            init(self, **kwargs)
+
+        cls.__init__ = __init__
+        for old, new in renamed.items():
+            setattr(cls, old, property(lambda self, _new=new: getattr(self, _new), doc=f"Old name of {new}."))
+        return cls
+
+    return decorate
 
 
 def current_key(key: str) -> str:

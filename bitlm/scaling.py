@@ -167,7 +167,7 @@ def can_expand(model_cfg: ModelConfig, kind: str, cfg: ScalingConfig, context_by
     """Whether a `kind` expansion stays within cfg.max_parameters and cfg.max_context_bytes, and why not."""
     # cfg.max_expansions is the caller's check: it is the one counting expansions
     try:
-        grown = expanded_config(model_cfg, kind, add_layers=cfg.add_layers)
+        grown = expanded_config(model_cfg, kind, add_layers=cfg.n_added_layers)
     except ValueError as err:
         return False, str(err)
     if kind == "context" and 2 * context_bytes > cfg.max_context_bytes:
@@ -210,7 +210,7 @@ def grow(base, strategy, scaling: ScalingConfig, expansions: list, context_bytes
         return None
     plain = strategy.unwrapped(base)
     generator = torch.Generator().manual_seed(seed * 7919 + len(expansions) + 1)
-    grown = expand_model(plain, kind, add_layers=scaling.add_layers, generator=generator)
+    grown = expand_model(plain, kind, add_layers=scaling.n_added_layers, generator=generator)
     # function preservation, measured on a validation batch: the logits before and after growth
     probe = next(iter(corpus.val.sequential_batches(2, context_bytes, max_batches=1)))
     with torch.no_grad():

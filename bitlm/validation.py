@@ -35,10 +35,10 @@ def validation_batches(corpus, cfg: TrainConfig, max_batches: int) -> list[torch
 
 def evaluate(model, corpus, cfg: TrainConfig, autocast=None, diffusion: Optional[DiffusionConfig] = None, *,
              strategy: Optional[Strategy] = None) -> dict[str, float]:
-    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.eval_batches batches, plus K/C/S of the
+    """Validation bpb (causal) or ELBO bpb (diffusion) over cfg.n_eval_batches batches, plus K/C/S of the
     model's predictions on the first batch; the same numbers on every rank of `strategy`."""
     strategy = strategy or Strategy()
-    batches = validation_batches(corpus, cfg, cfg.eval_batches)
+    batches = validation_batches(corpus, cfg, cfg.n_eval_batches)
     if model.config.causal:
         logits_of = functools.partial(strategy.eval_logits, model)
         result = evaluate_bpb(model, batches, autocast=autocast, logits_of=logits_of)

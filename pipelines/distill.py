@@ -142,7 +142,7 @@ def ray_round(job: DistillJob, run_dir: Path, run_id: Optional[str], uri: str) -
             run_config=ray.train.RunConfig(
                 name=run.name, storage_path=str(round_dir), failure_config=ray.train.FailureConfig(
                     max_failures=run.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(train_cfg.keep_checkpoints, 1)),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(train_cfg.n_checkpoints_kept, 1)),
                 logging_config=LoggingConfig(log_level="WARNING")))
         result = trainer.fit()
         model_dir = export_model(result, round_dir / "model")

@@ -264,7 +264,7 @@ def train_driver(cfg: PipelineConfig, *, callbacks: tuple = (), mlflow_run_id: O
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=str(run_dir.parent), callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.keep_checkpoints, 1)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(cfg.train.n_checkpoints_kept, 1)),
             logging_config=LoggingConfig(log_level="WARNING")),  # our reporter prints the evaluations
     )
     try:

@@ -149,8 +149,8 @@ def distill_command(teacher, data_dir, student, floors_text, local, out_dir, reg
                                kl_weight=kl_weight, data_weight=data_weight, width_scale=width_scale, seed=seed)
         train = TrainConfig(seed=seed, batch_size=batch_size, context_bytes=context, max_steps=steps if minutes is None
                             else 10_000_000, max_seconds=minutes * 60 if minutes else None, lr=lr,
-                            warmup_steps=min(100, max(1, steps // 10)), eval_every=max(1, steps // 4),
-                            log_every=max(1, min(25, steps // 4)), eval_batches=8)
+                            warmup_steps=min(100, max(1, steps // 10)), eval_every_steps=max(1, steps // 4),
+                            log_every_steps=max(1, min(25, steps // 4)), n_eval_batches=8)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     click.echo(f"teacher {teacher_dir}: {teacher_config.arch}/{teacher_config.representation}; student "

@@ -283,7 +283,7 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
         prepare_corpus(None, data_dir, max_bytes=max_corpus_bytes, progress=True)
     run_dir = prepare_out(out / "run", data_dir, fresh=True)  # a demo is a fresh run, never a resumed one
     defaults = (f"run.data={data_dir}", "run.name=run", f"run.storage_path={out}", "run.experiment=bitlm-demo",
-                "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every=100", "train.warmup_steps=50")
+                "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every_steps=100", "train.warmup_steps=50")
     cfg = build_experiment("tiny", DEFAULT_KIND, None, (), minutes, None, cls=PipelineConfig, defaults=defaults)
     click.echo(f"training {cfg.model.arch} tiny for {minutes:g} min on Ray Train (1 worker), tracked in MLflow ...")
     result = run_ray_training(cfg, None)

@@ -358,3 +358,22 @@ def test_the_safety_section_holds_the_gates_settings_and_validates_them():
         apply_overrides(ExperimentConfig(), ["safety.s_floor=1.5"])
     with pytest.raises(ValueError, match=r"safety\.burn_in: expected int"):
         from_dict(ExperimentConfig, {"safety": {"burn_in": 1.5}})
+
+
+def test_renamed_fields_keep_their_old_names_everywhere():
+    from bitlm.renames import RENAMED_FIELDS
+
+    assert TrainConfig(eval_batches=3).n_eval_batches == 3  # keyword
+    assert dataclasses.replace(TrainConfig(), log_every=7).log_every_steps == 7  # dataclasses.replace
+    assert ScalingConfig(window=4).window == 4  # attribute
+    cfg = from_dict(ExperimentConfig, {"train": {"keep_checkpoints": 5}, "model": {"local_layers": 1},
+                                       "scaling": {"add_layers": 2}})  # config documents, checkpoints
+    assert (cfg.train.n_checkpoints_kept, cfg.model.n_local_layers, cfg.scaling.n_added_layers) == (5, 1, 2)
+    cfg = apply_overrides(ExperimentConfig(), ["train.eval_every=9", "train.checkpoint_every=3"])  # --set
+    assert (cfg.train.eval_every_steps, cfg.train.checkpoint_every_steps) == (9, 3)
+    with pytest.raises(ValueError, match=r"^train.eval_batches: must be >= 1.*train.eval_batches is now train.n_eval"):
+        apply_overrides(ExperimentConfig(), ["train.eval_batches=0"])
+    sections = {"model": ModelConfig, "train": TrainConfig, "scaling": ScalingConfig}
+    for section, names in RENAMED_FIELDS.items():
+        fields = {f.name for f in dataclasses.fields(sections[section])}
+        assert set(names.values()) <= fields and not set(names) & fields
