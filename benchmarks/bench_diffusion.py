@@ -17,7 +17,7 @@ import torch
 from bitlm.checkpoint import save_pretrained
 from bitlm.config import DiffusionConfig, ExperimentConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.diffusion import SCHEDULES, diffusion_sample, evaluate_elbo
+from bitlm.diffusion import NOISE_SCHEDULES, diffusion_sample, evaluate_elbo
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default="patched", choices=["patched", "flat"])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--context-bytes", type=int, default=64)
-    parser.add_argument("--noise-schedule", default="cosine", choices=SCHEDULES)
+    parser.add_argument("--noise-schedule", default="cosine", choices=NOISE_SCHEDULES)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--save", type=Path, default=Path("results/diffusion-model"))
     parser.add_argument("--out", type=Path)
@@ -66,7 +66,7 @@ def main() -> None:
           "params": model.num_parameters(), "steps": result.step, "train_seconds": result.train_seconds,
           "val_elbo_bpb": final["elbo_bpb"], "val_bytes_scored": final["n_bytes"]}, args.out)
     val_text = corpus.val.to_numpy().tobytes()
-    for schedule in SCHEDULES:
+    for schedule in NOISE_SCHEDULES:
         for steps in (8, 16):
             quality = sample_quality(model, val_text, steps=steps, schedule=schedule, n_samples=args.samples,
                                      new_bytes=128)

@@ -20,7 +20,7 @@ from torch import nn
 
 from bitlm.codec import bytes_to_bit_tensor
 from bitlm.data import Corpus
-from bitlm.diffusion import SCHEDULES, diffusion_batch_loss, evaluate_elbo
+from bitlm.diffusion import NOISE_SCHEDULES, diffusion_batch_loss, evaluate_elbo
 from bitlm.model import MASK, BitTransformerLM
 
 from common import contender_config, emit, load_shakespeare
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--convs", default="none,full3,full5,full9,depthwise9")
-    parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    parser.add_argument("--schedules", default=",".join(NOISE_SCHEDULES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024, val_fraction=0.1)

@@ -18,7 +18,7 @@ LRSchedule = Literal["cosine", "onecycle", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
 StrategyName = Literal["single", "ddp", "fsdp", "pipeline"]  # bitlm.strategy.STRATEGIES
-PipelineSchedule = Literal["gpipe", "1f1b"]  # bitlm.pipelining.SCHEDULES
+PipelineSchedule = Literal["gpipe", "1f1b"]  # bitlm.pipelining.PIPELINE_SCHEDULES
 Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
 
 

@@ -42,14 +42,14 @@ from .modes import eval_mode
 from .objective import LN2, LossOutput, bits_per_byte_over
 from .sampling import Generation
 
-SCHEDULES: tuple[str, ...] = get_args(NoiseSchedule)
+NOISE_SCHEDULES: tuple[str, ...] = get_args(NoiseSchedule)
 _EXP_RATE = 5.0  # "exp": masks quickly early, m(t) = (1 - e^{-5t}) / (1 - e^{-5})
 _LOGIT_SPAN = 6.0  # "loglinear": log-odds of the mask rate linear in t, from -6 to +6, rescaled to [0, 1]
 
 
 def _check_schedule(schedule: str) -> None:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"noise schedule: unknown {schedule!r}; choose from {list(SCHEDULES)}")
+    if schedule not in NOISE_SCHEDULES:
+        raise ValueError(f"noise schedule: unknown {schedule!r}; choose from {list(NOISE_SCHEDULES)}")
 
 
 def mask_rate(t: torch.Tensor, schedule: str) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .objective import LossOutput, causal_loss, model_inputs
 from .state import cpu_optimizer_state, cpu_state, load_named_optimizer_state, named_optimizer_state, unwrap
 from .strategy import Strategy
 
-SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
+PIPELINE_SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
 
 
 def stage_layers(n_layers: int, world_size: int, rank: int) -> range:
@@ -80,8 +80,8 @@ class PipelineStrategy(Strategy):
 
     def __init__(self, *, rank: int = 0, world_size: int = 1, n_microbatches: int = 4, schedule: str = "gpipe"):
         super().__init__(rank=rank, world_size=world_size)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"parallel.pipeline_schedule: must be one of {list(SCHEDULES)}, got {schedule!r}")
+        if schedule not in PIPELINE_SCHEDULES:
+            raise ValueError(f"parallel.pipeline_schedule: must be one of {list(PIPELINE_SCHEDULES)}, got {schedule!r}")
         if n_microbatches < 1:
             raise ValueError(f"parallel.n_microbatches: must be >= 1, got {n_microbatches}")
         if schedule == "1f1b" and n_microbatches < world_size:

@@ -8,10 +8,9 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bitlm.config import SafetyConfig
+from bitlm.config import NoiseSchedule, SafetyConfig
 
 Mode = Literal["causal", "diffusion"]
-Schedule = Literal["linear", "cosine", "exp", "loglinear"]
 
 
 def _utf8_text(value: str, field: str) -> str:
@@ -36,7 +35,7 @@ class GenerateRequest(BaseModel):
     top_k: Optional[int] = Field(None, ge=1, description="Causal mode only.")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus mass; causal mode only.")
     diffusion_steps: int = Field(16, ge=1, le=64)
-    schedule: Schedule = "cosine"
+    schedule: NoiseSchedule = "cosine"
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Attempt k uses seed + k; null: the server picks.")
     c_floor: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False, description="null: the server's default.")
     s_floor: Optional[float] = Field(None, ge=0, le=1, allow_inf_nan=False, description="null: the server's default.")

@@ -10,7 +10,7 @@ import torch
 from bitlm.codec import bits_to_bytes, bytes_to_bits
 from bitlm.config import DiffusionConfig, ExperimentConfig, ModelConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.diffusion import (SCHEDULES, diffusion_batch_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative,
+from bitlm.diffusion import (NOISE_SCHEDULES, diffusion_batch_loss, diffusion_sample, evaluate_elbo, mask_rate, mask_rate_derivative,
                              masked_count_distribution, sample_masked_counts)
 from bitlm.engine import MetricDriftWarning, fit
 from bitlm.validation import drift as _drift
@@ -25,7 +25,7 @@ def make(arch="patched", **overrides):
     return BitTransformerLM(ModelConfig.from_name("tiny", kind=arch, causal=False, **overrides)).eval()
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
 def test_mask_rate_is_monotone_in_unit_range_and_hits_its_end_points(schedule):
     t = torch.linspace(0, 1, 1001)
     m = mask_rate(t, schedule)
@@ -33,7 +33,7 @@ def test_mask_rate_is_monotone_in_unit_range_and_hits_its_end_points(schedule):
     assert bool((m.diff() >= -1e-7).all()) and float(m.min()) >= 0.0 and float(m.max()) <= 1.0
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
 def test_mask_rate_derivative_matches_finite_differences(schedule):
     t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
     h = 1e-5
@@ -41,7 +41,7 @@ def test_mask_rate_derivative_matches_finite_differences(schedule):
     torch.testing.assert_close(mask_rate_derivative(t, schedule), numeric, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
 def test_every_schedule_weights_k_masked_units_by_one_over_k(schedule):
     # the identity behind the count form: integral of w(t) Binomial(k; n, m(t)) dt = 1/k
     n, steps = 6, 200_000
@@ -52,7 +52,7 @@ def test_every_schedule_weights_k_masked_units_by_one_over_k(schedule):
         assert float((w / m * binomial).mean()) == pytest.approx(1 / k, rel=2e-3)
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
 def test_masked_count_distribution_is_a_distribution_over_one_to_n(schedule):
     p = masked_count_distribution(64, schedule)
     assert p.shape == (64,) and float(p.min()) > 0 and float(p.sum()) == pytest.approx(1.0, abs=1e-9)
@@ -97,7 +97,7 @@ def test_unknown_schedule_is_named():
         mask_rate(torch.tensor([0.5]), "quadratic")
 
 
-@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("schedule", NOISE_SCHEDULES)
 def test_elbo_of_a_coin_flip_model_is_nine_bits_per_byte(schedule):
     # p = 0.5 everywhere: every masked bit costs ln 2 and E[w(t) m(t)] = 1, so the bound is 1 bit per bit
     model = make()
