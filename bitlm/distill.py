@@ -122,26 +122,38 @@ def check_pair(teacher: ModelConfig, student: ModelConfig) -> None:
         raise ValueError("model.causal: teacher and student must both be causal (next-bit) models")
 
 
-def distillation_loss(student, byte_windows: torch.Tensor, *, teacher, temperature: float = 1.0,
-                      kl_weight: float = 0.5, data_weight: float = 0.5) -> LossOutput:
-    """data_weight * CE + kl_weight * T^2 * KL(teacher || student) per predicted position, with bpb accounting."""
-    cfg = student.module.config if hasattr(student, "module") else student.config
-    ids = model_inputs(teacher, byte_windows.to(next(teacher.parameters()).device))
-    with torch.no_grad():
-        teacher_logits = teacher(ids, causal=True)[0][:, :-1].float()
-    ids = ids.to(next(student.parameters()).device)
-    logits, _ = student(ids, causal=True)
+def distillation_loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor, *, ids_per_byte: int,
+                      bit_model: bool, temperature: float = 1.0, kl_weight: float = 0.5,
+                      data_weight: float = 0.5) -> LossOutput:
+    """data_weight * CE + kl_weight * T^2 * KL(teacher || student) per predicted position, with bpb accounting.
+
+    `logits` and `teacher_logits` are (B, T, V) over `ids` (B, T); entry t predicts id t + 1.
+    """
     scored = logits[:, :-1].float()
     ce = F.cross_entropy(scored.reshape(-1, scored.shape[-1]), ids[:, 1:].reshape(-1),
                          reduction="none").view(ids.shape[0], -1)  # (B, T-1): entry t is the loss of id t+1
-    target = F.log_softmax(teacher_logits.to(scored.device) / temperature, dim=-1)
+    target = F.log_softmax(teacher_logits[:, :-1].float().to(scored.device) / temperature, dim=-1)
     kl = F.kl_div(F.log_softmax(scored / temperature, dim=-1), target, log_target=True,
                   reduction="none").sum(-1)  # (B, T-1)
-    first_scored = cfg.ids_per_byte - 1
+    first_scored = ids_per_byte - 1
     loss = data_weight * ce.mean() + kl_weight * temperature ** 2 * kl.mean()
-    p_one = logits[:, first_scored:-1].float().softmax(-1)[..., 1] if cfg.representation == "bit" else None
-    return LossOutput(loss=loss, nll_bits=ce[:, first_scored:].detach().sum() / LN2,
-                      n_bytes=byte_windows.shape[0] * (byte_windows.shape[1] - 1), p_one=p_one)
+    p_one = logits[:, first_scored:-1].float().softmax(-1)[..., 1] if bit_model else None
+    n_bytes = ids.shape[0] * (ids.shape[1] // ids_per_byte - 1)
+    return LossOutput(loss=loss, nll_bits=ce[:, first_scored:].detach().sum() / LN2, n_bytes=n_bytes, p_one=p_one)
+
+
+def distillation_batch_loss(student, byte_windows: torch.Tensor, *, teacher, temperature: float = 1.0,
+                            kl_weight: float = 0.5, data_weight: float = 0.5) -> LossOutput:
+    """distillation_loss of `student` against `teacher` on (B, L) byte windows: both forwards, then the loss."""
+    cfg = student.module.config if hasattr(student, "module") else student.config
+    ids = model_inputs(teacher, byte_windows.to(next(teacher.parameters()).device))
+    with torch.no_grad():
+        teacher_logits = teacher(ids, causal=True)[0]
+    ids = ids.to(next(student.parameters()).device)
+    logits, _ = student(ids, causal=True)
+    return distillation_loss(logits, ids, teacher_logits, ids_per_byte=cfg.ids_per_byte,
+                             bit_model=cfg.representation == "bit", temperature=temperature, kl_weight=kl_weight,
+                             data_weight=data_weight)
 
 
 def widen(model: BitTransformerLM, width_scale: float, *, generator: Optional[torch.Generator] = None
@@ -235,7 +247,7 @@ def local_round(teacher, config: DistillConfig, device=None, report=None) -> Tra
     """Train one round in this process through engine.fit with the distillation loss."""
     def train(student, corpus, train_cfg, round_index):
         def loss(net, batch):
-            return distillation_loss(net, batch, teacher=teacher, temperature=config.temperature,
+            return distillation_batch_loss(net, batch, teacher=teacher, temperature=config.temperature,
                                      kl_weight=config.kl_weight, data_weight=config.data_weight)
 
         emit = None if report is None else (lambda metrics, path: report({**metrics, "distill/round": round_index}))

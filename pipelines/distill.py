@@ -70,7 +70,7 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
 
     from bitlm.checkpoint import from_pretrained
     from bitlm.data import ByteWindows, Corpus
-    from bitlm.distill import distillation_loss, load_model
+    from bitlm.distill import distillation_batch_loss, load_model
     from bitlm.engine import fit
     from bitlm.parallel import strategy_for
 
@@ -87,7 +87,7 @@ def distill_fn_per_worker(config: dict[str, Any]) -> None:
     teacher = from_pretrained(config["teacher"], device=device).eval()
 
     def loss(net, batch):
-        return distillation_loss(net, batch, teacher=teacher, temperature=distill.temperature,
+        return distillation_batch_loss(net, batch, teacher=teacher, temperature=distill.temperature,
                                  kl_weight=distill.kl_weight, data_weight=distill.data_weight)
 
     tracker = None

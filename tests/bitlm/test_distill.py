@@ -13,8 +13,8 @@ import torch
 from bitlm import checkpoint as ckpt
 from bitlm.config import ModelConfig, TrainConfig
 from bitlm.data import Corpus
-from bitlm.distill import (DistillConfig, check_pair, collapse_submodel, distillation_loss, parse_floors,
-                           read_metrics, save_distilled_model, student_config, widen)
+from bitlm.distill import (DistillConfig, check_pair, collapse_submodel, distillation_batch_loss, distillation_loss,
+                           parse_floors, read_metrics, save_distilled_model, student_config, widen)
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import model_inputs
@@ -163,17 +163,30 @@ def test_widen_and_deepen_keep_the_logits(teacher):
 @pytest.mark.parametrize("student_kind", ["patched", "flat"])
 def test_the_loss_is_the_data_loss_alone_when_the_student_is_the_teacher(teacher, corpus, student_kind):
     batch = torch.from_numpy(corpus.train.to_numpy()[:2, :16].copy())
-    out = distillation_loss(teacher, batch, teacher=teacher, kl_weight=1.0, data_weight=0.0)
+    out = distillation_batch_loss(teacher, batch, teacher=teacher, kl_weight=1.0, data_weight=0.0)
     assert float(out.loss.detach()) == pytest.approx(0.0, abs=1e-6)
     flat = BitTransformerLM(ModelConfig.from_name("tiny", kind=student_kind, max_seq_len=16 * 9))
-    mixed = distillation_loss(flat, batch, teacher=teacher, temperature=2.0)
+    mixed = distillation_batch_loss(flat, batch, teacher=teacher, temperature=2.0)
     assert mixed.loss.requires_grad and float(mixed.loss.detach()) > 0 and mixed.n_bytes == 2 * 15
+
+
+def test_the_loss_on_logits_is_the_weighted_sum_of_cross_entropy_and_tempered_kl():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 2, (2, 18))  # two bytes of 9 bits per row
+    logits, teacher_logits = torch.randn(2, 18, 2), torch.randn(2, 18, 2)
+    out = distillation_loss(logits, ids, teacher_logits, ids_per_byte=9, bit_model=True, temperature=2.0,
+                            kl_weight=0.3, data_weight=0.7)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 2), ids[:, 1:].reshape(-1))
+    p, q = (teacher_logits[:, :-1] / 2).softmax(-1), (logits[:, :-1] / 2).softmax(-1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()
+    assert float(out.loss) == pytest.approx(float(0.7 * ce + 0.3 * 4 * kl), rel=1e-5)
+    assert out.n_bytes == 2 * 1 and out.p_one.shape == (2, 9)  # the first byte's bits have no context
 
 
 def test_byte_to_byte_distillation_loss_is_finite(corpus):
     byte = ModelConfig.from_name("tiny", kind="byte", max_seq_len=32)
     batch = torch.from_numpy(corpus.train.to_numpy()[:2, :16].copy())
-    out = distillation_loss(BitTransformerLM(byte), batch, teacher=BitTransformerLM(byte))
+    out = distillation_batch_loss(BitTransformerLM(byte), batch, teacher=BitTransformerLM(byte))
     assert torch.isfinite(out.loss) and out.p_one is None
 
 
