@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
-    cfg = ModelConfig.from_name(args.preset, max_seq_len=max(contexts) + args.new_bits)
+    cfg = ModelConfig.from_name(args.preset, max_positions=max(contexts) + args.new_bits)
     torch.manual_seed(0)
     model = BitTransformerLM(cfg).eval()
     for n_bits in contexts:

@@ -41,7 +41,7 @@ def child(n_layers: int, reversible: bool, batch_size: int, context_bytes: int) 
     before = _status_kib("VmRSS")
     T = context_bytes * 9
     model = BitTransformerLM(ModelConfig.from_name("small", n_layers=n_layers, reversible=reversible,
-                                                   max_seq_len=T)).train()
+                                                   max_positions=T)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 2, (batch_size, T))
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS

@@ -92,7 +92,7 @@ def main() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = uri
         model_cfg = ModelConfig.from_name(args.preset, kind=args.kind)
         model_cfg = ModelConfig.from_name(args.preset, kind=args.kind,
-                                          max_seq_len=args.context_bytes * model_cfg.positions_per_byte)
+                                          max_positions=args.context_bytes * model_cfg.positions_per_byte)
         train = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes, max_steps=args.steps,
                             log_every=args.log_every, eval_every=10 * args.steps, eval_batches=2, precision="fp32")
         base = {"bench": "ray_train", "preset": args.preset, "kind": args.kind, "batch_size": args.batch_size,

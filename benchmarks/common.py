@@ -47,7 +47,7 @@ def contender_config(name: str, preset: str, context_bytes: int, **overrides):
     from bitlm.config import ModelConfig
 
     probe = ModelConfig.from_name(preset, kind=name, **overrides)
-    return ModelConfig.from_name(preset, kind=name, **overrides, max_seq_len=context_bytes * probe.positions_per_byte)
+    return ModelConfig.from_name(preset, kind=name, **overrides, max_positions=context_bytes * probe.positions_per_byte)
 
 
 def best_seconds(fn, repeats: int) -> float:

@@ -27,7 +27,7 @@ Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
 # accelerator today (the base preset: d_model 512, 8 layers, at most 4608 positions).
 MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "d_model": (1, 65_536), "n_heads": (1, 1024), "n_layers": (1, 1024), "d_ff": (1, 1_048_576),
-    "max_seq_len": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
+    "max_positions": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
 }
 MAX_BATCH_SIZE = 1_000_000
 # fit derives generator seeds as seed * 1_000_003 + index; below 2**32 those stay inside
@@ -46,7 +46,7 @@ class ModelConfig:
     n_heads: int = 4
     n_layers: int = 4
     d_ff: int = 512
-    max_seq_len: int = 2304  # transformer positions: bits for the flat bit model, bytes otherwise
+    max_positions: int = 2304  # transformer positions: bits for the flat bit model, bytes otherwise
     dropout: float = 0.0
     parity: bool = True
     causal: bool = True
@@ -91,8 +91,8 @@ class ModelConfig:
 
     @property
     def max_input_ids(self) -> int:
-        """Longest id sequence one forward accepts (max_seq_len positions, in ids)."""
-        return self.max_seq_len * self.ids_per_byte // self.positions_per_byte
+        """Longest id sequence one forward accepts (max_positions positions, in ids)."""
+        return self.max_positions * self.ids_per_byte // self.positions_per_byte
 
     @property
     def head_dim(self) -> int:
@@ -102,7 +102,7 @@ class ModelConfig:
     def from_name(cls, name: str, kind: Optional[str] = None, **overrides: Any) -> "ModelConfig":
         """A named preset (`tiny`, `small`, `base`), optionally of a kind (`patched`, `flat`, `byte`).
 
-        A preset fixes the shape and a context in bytes; max_seq_len follows from it for the chosen
+        A preset fixes the shape and a context in bytes; max_positions follows from it for the chosen
         architecture (bits for the flat bit model, bytes otherwise) unless given explicitly.
         """
         if name not in MODEL_PRESETS:
@@ -113,11 +113,11 @@ class ModelConfig:
             overrides = MODEL_KINDS[kind] | overrides
         shape = dict(MODEL_PRESETS[name])
         context_bytes = shape.pop("context_bytes")
-        explicit_len = "max_seq_len" in overrides
+        explicit_len = "max_positions" in overrides
         cfg = cls(**(shape | overrides))
         if explicit_len:
             return cfg
-        return dataclasses.replace(cfg, max_seq_len=context_bytes * cfg.positions_per_byte)
+        return dataclasses.replace(cfg, max_positions=context_bytes * cfg.positions_per_byte)
 
 
 # The three model kinds a run chooses between: the byte-patched bit model, the flat bit model of
@@ -185,8 +185,8 @@ class TrainConfig:
         for name in ("grad_accum_steps", "max_steps", "log_every_steps", "eval_every_steps", "n_eval_batches",
                      "n_checkpoints_kept"):
             check(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        # the upper end is the largest model context (model.max_seq_len); ExperimentConfig checks the actual one
-        check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_seq_len"][1])
+        # the upper end is the largest model context (model.max_positions); ExperimentConfig checks the actual one
+        check_range(self.context_bytes, "train.context_bytes", 2, MODEL_BOUNDS["max_positions"][1])
         check(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
                f"must be None or > 0, got {self.max_seconds}")
         check(self.lr > 0, "train.lr", f"must be > 0, got {self.lr}")
@@ -321,10 +321,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         check_fields(self, "")
         # engine.fit refuses the same at start-up; scaling's context expansions later grow
-        # max_seq_len and context_bytes together, so the start has to fit with or without scaling
+        # max_positions and context_bytes together, so the start has to fit with or without scaling
         max_bytes = self.model.max_input_ids // self.model.ids_per_byte
         check(self.train.context_bytes <= max_bytes, "train.context_bytes",
-               f"must be <= {max_bytes}, the model's context in bytes (model.max_seq_len={self.model.max_seq_len}), "
+               f"must be <= {max_bytes}, the model's context in bytes (model.max_positions={self.model.max_positions}), "
                f"got {self.train.context_bytes}")
 
 

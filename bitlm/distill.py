@@ -103,7 +103,7 @@ def student_config(student: str | ModelConfig, teacher_config: ModelConfig, cont
         cfg = ModelConfig.from_name(student, kind=kind, parity=teacher_config.parity)
         max_bytes = cfg.max_input_ids // cfg.ids_per_byte
         if max_bytes < context_bytes:
-            cfg = dataclasses.replace(cfg, max_seq_len=context_bytes * cfg.positions_per_byte)
+            cfg = dataclasses.replace(cfg, max_positions=context_bytes * cfg.positions_per_byte)
     else:
         cfg = student
     check_pair(teacher_config, cfg)

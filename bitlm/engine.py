@@ -372,7 +372,7 @@ def _check_context(model, context_bytes: int) -> None:
     ids = context_bytes * model.config.ids_per_byte
     if ids > model.config.max_input_ids:
         raise ValueError(f"train.context_bytes={context_bytes} needs {ids} input ids but the model takes "
-                         f"{model.config.max_input_ids} (model.max_seq_len={model.config.max_seq_len})")
+                         f"{model.config.max_input_ids} (model.max_positions={model.config.max_positions})")
 
 
 def _progress_bar(enabled: bool, cfg: TrainConfig, start: int):

@@ -28,14 +28,14 @@ class FlatBody(nn.Module):
         self.embed = nn.Embedding(self.n_inputs, cfg.d_model)
         # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
         self.phase = nn.Embedding(cfg.bits_per_byte, cfg.d_model) if is_bits else None
-        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len, cfg.d_model), persistent=False)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
         self.stack = BlockStack(cfg)
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, self.n_outputs)
 
     @property
     def cache_capacity(self) -> int:
-        return self.cfg.max_seq_len
+        return self.cfg.max_positions
 
     def embed_ids(self, x: torch.Tensor, start: int, offset: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, T) ids placed after `start` cached positions -> (B, T, d) stack inputs."""

@@ -122,7 +122,7 @@ class BitTransformerLM(nn.Module):
         start = cache.length if cache is not None else 0  # only flat bodies decode through forward
         if start + x.shape[1] > self.config.max_input_ids:
             raise ValueError(f"sequence of {start + x.shape[1]} ids exceeds the model's {self.config.max_input_ids} "
-                             f"(model.max_seq_len={self.config.max_seq_len}); use infer_long_sequence for longer inputs")
+                             f"(model.max_positions={self.config.max_positions}); use infer_long_sequence for longer inputs")
         # the value check reads the tensor back: skip it where that would sync a GPU or break a compiled graph
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return

@@ -64,7 +64,7 @@ def apply_overrides(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
 
     The last assignment to a key wins. Every section is rebuilt once with all of its assignments,
     so checks across fields see the final values whatever the order: train.context_bytes=512 may
-    come before the model.max_seq_len that makes room for it.
+    come before the model.max_positions that makes room for it.
     """
     changes: dict[str, Any] = {}
     given: dict[str, str] = {}  # current key -> the old key an assignment used (errors name what was written)

@@ -64,7 +64,7 @@ class PatchedBody(nn.Module):
         self.byte_bits = nn.Embedding(3 * bpb, d)
         self.byte_mlp = _ResidualMLP(d, 2 * d)
         self.bos = nn.Parameter(torch.zeros(d))
-        self.register_buffer("positions", sinusoidal_table(cfg.max_seq_len + 1, d), persistent=False)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions + 1, d), persistent=False)
         self.stack = BlockStack(cfg)
         self.norm = nn.LayerNorm(d)
         hidden = cfg.local_d_ff
@@ -85,7 +85,7 @@ class PatchedBody(nn.Module):
 
     @property
     def cache_capacity(self) -> int:
-        return self.cfg.max_seq_len + 1  # + the BOS position
+        return self.cfg.max_positions + 1  # + the BOS position
 
     def encode_bytes(self, bits: torch.Tensor) -> torch.Tensor:
         """(B, L, bpb) bit ids -> (B, L, d) byte vectors."""

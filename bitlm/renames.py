@@ -8,7 +8,7 @@ from typing import Any
 
 # fields renamed inside their section (counts start with n_, units are in names): section -> {old: new}
 RENAMED_FIELDS: dict[str, dict[str, str]] = {
-    "model": {"local_layers": "n_local_layers"},
+    "model": {"local_layers": "n_local_layers", "max_seq_len": "max_positions"},
     "train": {"eval_batches": "n_eval_batches", "keep_checkpoints": "n_checkpoints_kept",
               "log_every": "log_every_steps", "eval_every": "eval_every_steps",
               "checkpoint_every": "checkpoint_every_steps"},

@@ -7,7 +7,7 @@ growth, so training continues from the same loss instead of a spike:
            (y1 = x1 + f(x2), y2 = x2 + g(y1));
   width    double d_ff: new hidden units read the input through random rows of mlp[0] but write
            through zero columns of mlp[2], so they add nothing until trained;
-  context  double max_seq_len: positions are a fixed sinusoidal table whose existing rows do not
+  context  double max_positions: positions are a fixed sinusoidal table whose existing rows do not
            depend on its length, and no parameter depends on it.
 Width means d_ff, not d_model: every block is pre-norm, and a LayerNorm over a vector padded with
 zero features has a different mean and variance than over the original, so no zero padding of
@@ -45,7 +45,7 @@ def expanded_config(cfg: ModelConfig, kind: str, *, add_layers: int = 1) -> Mode
     if kind == "width":
         return dataclasses.replace(cfg, d_ff=2 * cfg.d_ff)
     if kind == "context":
-        return dataclasses.replace(cfg, max_seq_len=2 * cfg.max_seq_len)
+        return dataclasses.replace(cfg, max_positions=2 * cfg.max_positions)
     raise ValueError(f"expansion kind: must be one of {list(EXPANSION_KINDS)}, got {kind!r}")
 
 
@@ -190,7 +190,7 @@ def expanded_lr_scale(cfg: ScalingConfig, n_expansions: int, steps_since_expansi
 
 def grown_from(requested, saved) -> bool:
     """Whether `saved` is `requested` after progressive-scaling expansions (deeper, wider, longer only)."""
-    grown = ("n_layers", "d_ff", "max_seq_len")
+    grown = ("n_layers", "d_ff", "max_positions")
     same = dataclasses.replace(saved, **{k: getattr(requested, k) for k in grown}) == requested
     return same and all(getattr(saved, k) >= getattr(requested, k) for k in grown)
 
@@ -220,5 +220,5 @@ def grow(base, strategy, scaling: ScalingConfig, expansions: list, context_bytes
         change = float((plain(ids)[0].float() - grown(ids)[0].float()).abs().max())
         plain.train(was[0]), grown.train(was[1])
     event = {"kind": kind, "step": step, "logit_change": change, "n_parameters": grown.num_parameters(),
-             "n_layers": grown.config.n_layers, "d_ff": grown.config.d_ff, "max_seq_len": grown.config.max_seq_len}
+             "n_layers": grown.config.n_layers, "d_ff": grown.config.d_ff, "max_positions": grown.config.max_positions}
     return grown, event

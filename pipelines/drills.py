@@ -56,7 +56,7 @@ def node_loss(data, storage, steps):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False)
     cfg = PipelineConfig(
-        model=ModelConfig.from_name("tiny", kind="patched", max_seq_len=64),
+        model=ModelConfig.from_name("tiny", kind="patched", max_positions=64),
         train=TrainConfig(batch_size=4, context_bytes=32, max_steps=steps, warmup_steps=2, log_every_steps=4,
                           eval_every_steps=8, n_eval_batches=2, checkpoint_every_steps=4, precision="fp32"),
         run=RayRunConfig(name="node-loss", storage_path=str(Path(storage).resolve()), data=data, num_workers=2,

@@ -10,7 +10,7 @@ from bitlm import checkpoint as ckpt
 from bitlm.config import ModelConfig
 from bitlm.model import BitTransformerLM
 
-CFG = ModelConfig.from_name("tiny", max_seq_len=64, act=True)
+CFG = ModelConfig.from_name("tiny", max_positions=64, act=True)
 
 
 def model_and_input(seed=0):

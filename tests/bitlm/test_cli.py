@@ -327,7 +327,7 @@ def test_arch_selects_the_model_kind_with_a_context_sized_for_it(corpus_dir, tmp
     model = run_config(run)["model"]
     assert (model["arch"], model["representation"]) == (arch, representation)
     positions_per_byte = 9 if kind == "flat" else 1
-    assert model["max_seq_len"] == 128 * positions_per_byte  # the tiny preset's 128-byte context
+    assert model["max_positions"] == 128 * positions_per_byte  # the tiny preset's 128-byte context
 
 
 def test_train_defaults_to_the_patched_architecture(corpus_dir, tmp_path):

@@ -9,7 +9,7 @@ from bitlm.config import (MODEL_PRESETS, DiffusionConfig, ExperimentConfig, Mode
                           TrainConfig, apply_overrides, flatten, from_dict, to_dict, to_json)
 
 NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_layers=5, d_ff=200,
-                                max_seq_len=300, dropout=0.25, parity=False, causal=False, reversible=True,
+                                max_positions=300, dropout=0.25, parity=False, causal=False, reversible=True,
                                 chunk_size=32, full_attn_logging=True, act=True,
                                 act_threshold=0.5, local_d_ff=96, local_layers=2, n_streams=2)
 NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
@@ -247,7 +247,7 @@ def test_overrides_apply_in_order_and_leave_other_fields_alone():
 
 @pytest.mark.parametrize("assignments", [
     pytest.param(["model.n_heads=3", "model.d_model=96"], id="within-a-section"),
-    pytest.param(["train.context_bytes=256", "model.max_seq_len=256"], id="across-sections"),
+    pytest.param(["train.context_bytes=256", "model.max_positions=256"], id="across-sections"),
 ])
 def test_overrides_are_validated_together_whatever_their_order(assignments):
     # each assignment alone breaks a cross-field check (64 % 3, a 256-byte context in 128) that the pair satisfies
@@ -369,8 +369,10 @@ def test_renamed_fields_keep_their_old_names_everywhere():
     cfg = from_dict(ExperimentConfig, {"train": {"keep_checkpoints": 5}, "model": {"local_layers": 1},
                                        "scaling": {"add_layers": 2}})  # config documents, checkpoints
     assert (cfg.train.n_checkpoints_kept, cfg.model.n_local_layers, cfg.scaling.n_added_layers) == (5, 1, 2)
-    cfg = apply_overrides(ExperimentConfig(), ["train.eval_every=9", "train.checkpoint_every=3"])  # --set
-    assert (cfg.train.eval_every_steps, cfg.train.checkpoint_every_steps) == (9, 3)
+    cfg = apply_overrides(ExperimentConfig(), ["train.eval_every=9", "train.checkpoint_every=3",
+                                               "model.max_seq_len=576"])  # --set
+    assert (cfg.train.eval_every_steps, cfg.train.checkpoint_every_steps, cfg.model.max_positions) == (9, 3, 576)
+    assert from_dict(ModelConfig, {"max_seq_len": 300}).max_positions == 300  # a checkpoint's model config
     with pytest.raises(ValueError, match=r"^train.eval_batches: must be >= 1.*train.eval_batches is now train.n_eval"):
         apply_overrides(ExperimentConfig(), ["train.eval_batches=0"])
     sections = {"model": ModelConfig, "train": TrainConfig, "scaling": ScalingConfig}

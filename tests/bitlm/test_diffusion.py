@@ -162,13 +162,13 @@ def test_diffusion_refuses_causal_and_chunked_models():
 
 def test_sampling_longer_than_the_context_is_rejected():
     with pytest.raises(ValueError, match="takes"):
-        diffusion_sample(make(max_seq_len=8), "abc", 6)
+        diffusion_sample(make(max_positions=8), "abc", 6)
 
 
 @pytest.mark.parametrize("arch", ["flat", "patched"])
 def test_fit_trains_a_diffusion_model_and_reports_the_elbo(arch):
     corpus = Corpus.from_bytes(TEXT, window_bytes=64, val_fraction=0.2)
-    model = make(arch, max_seq_len=144 if arch == "flat" else 16)
+    model = make(arch, max_positions=144 if arch == "flat" else 16)
     cfg = TrainConfig(batch_size=8, context_bytes=16, max_steps=30, warmup_steps=2, log_every=1, eval_every=30,
                       eval_batches=2)
     logs = []
@@ -257,7 +257,7 @@ def test_a_diffusion_model_learns_masked_bytes_from_their_neighbours():
     walk = (torch.randint(0, 2, (4096,), generator=rng) * 2 - 1).cumsum(0) % 4
     text = bytes((b"acgt"[int(i)] for i in walk))
     corpus = Corpus.from_bytes(text, window_bytes=64, val_fraction=0.1)
-    model = make(max_seq_len=32).train()
+    model = make(max_positions=32).train()
     cfg = TrainConfig(batch_size=16, context_bytes=32, max_steps=150, warmup_steps=10, lr=3e-3, log_every=50,
                       eval_every=150, eval_batches=1)
     fit(model, corpus, ExperimentConfig(model=model.config, train=cfg, diffusion=DiffusionConfig(noise_schedule="linear")))

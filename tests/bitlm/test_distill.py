@@ -23,7 +23,7 @@ from bitlm.synthesizer import TelemetrySynthesizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
-TEACHER = ModelConfig.from_name("tiny", kind="patched", max_seq_len=64)
+TEACHER = ModelConfig.from_name("tiny", kind="patched", max_positions=64)
 STUDENT = dataclasses.replace(TEACHER, d_model=32, d_ff=128)  # about half the teacher's parameters
 TRAIN = TrainConfig(batch_size=8, context_bytes=32, max_steps=300, warmup_steps=20, eval_every=300, eval_batches=4,
                     log_every=100, precision="fp32", lr=3e-3)
@@ -165,7 +165,7 @@ def test_the_loss_is_the_data_loss_alone_when_the_student_is_the_teacher(teacher
     batch = torch.from_numpy(corpus.train.to_numpy()[:2, :16].copy())
     out = distillation_batch_loss(teacher, batch, teacher=teacher, kl_weight=1.0, data_weight=0.0)
     assert float(out.loss.detach()) == pytest.approx(0.0, abs=1e-6)
-    flat = BitTransformerLM(ModelConfig.from_name("tiny", kind=student_kind, max_seq_len=16 * 9))
+    flat = BitTransformerLM(ModelConfig.from_name("tiny", kind=student_kind, max_positions=16 * 9))
     mixed = distillation_batch_loss(flat, batch, teacher=teacher, temperature=2.0)
     assert mixed.loss.requires_grad and float(mixed.loss.detach()) > 0 and mixed.n_bytes == 2 * 15
 
@@ -184,7 +184,7 @@ def test_the_loss_on_logits_is_the_weighted_sum_of_cross_entropy_and_tempered_kl
 
 
 def test_byte_to_byte_distillation_loss_is_finite(corpus):
-    byte = ModelConfig.from_name("tiny", kind="byte", max_seq_len=32)
+    byte = ModelConfig.from_name("tiny", kind="byte", max_positions=32)
     batch = torch.from_numpy(corpus.train.to_numpy()[:2, :16].copy())
     out = distillation_batch_loss(BitTransformerLM(byte), batch, teacher=BitTransformerLM(byte))
     assert torch.isfinite(out.loss) and out.p_one is None

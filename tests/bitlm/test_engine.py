@@ -13,7 +13,7 @@ from bitlm.engine import fit, lr_factor
 from bitlm.model import BitTransformerLM
 
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 40 + b"pack my box with five dozen liquor jugs! " * 40)
-MODEL = ModelConfig.from_name("tiny", max_seq_len=288)
+MODEL = ModelConfig.from_name("tiny", max_positions=288)
 TRAIN = TrainConfig(batch_size=4, context_bytes=16, max_steps=12, warmup_steps=2, log_every=1, eval_every=6,
                     eval_batches=2, lr=3e-3)
 
@@ -46,7 +46,7 @@ def test_fit_lowers_the_loss_and_reports_val_bpb_and_telemetry(corpus):
 
 
 def test_byte_baseline_trains_through_the_same_engine(corpus):
-    byte_cfg = dataclasses.replace(MODEL, representation="byte", max_seq_len=32)
+    byte_cfg = dataclasses.replace(MODEL, representation="byte", max_positions=32)
     _, result, events = run(corpus, model_cfg=byte_cfg)
     assert result.step == TRAIN.max_steps
     assert 0 < result.metrics["val/bpb"] < 9
@@ -107,7 +107,7 @@ def test_time_budget_stops_training(corpus):
 
 def test_context_longer_than_the_model_is_rejected(corpus):
     cfg = dataclasses.replace(TRAIN, context_bytes=64)  # 576 bits > 288
-    with pytest.raises(ValueError, match="max_seq_len"):
+    with pytest.raises(ValueError, match="max_positions"):
         run(corpus, cfg)
 
 

@@ -12,7 +12,7 @@ from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
 
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 40 + b"pack my box with five dozen liquor jugs! " * 40)
-MODEL = ModelConfig.from_name("tiny", kind="patched", max_seq_len=64)
+MODEL = ModelConfig.from_name("tiny", kind="patched", max_positions=64)
 TRAIN = TrainConfig(batch_size=4, context_bytes=16, max_steps=28, warmup_steps=2, log_every=4, eval_every=4,
                     eval_batches=2, lr=3e-3)
 # improve_thresh above any possible relative improvement: every second evaluation is a plateau
@@ -39,7 +39,7 @@ def test_plateaus_grow_the_model_through_the_cycle_without_changing_its_logits(c
     assert all(e["logit_change"] < 1e-4 for e in result.expansions)
     grown = result.model.config
     assert grown.n_layers == MODEL.n_layers + 1 and grown.d_ff == 2 * MODEL.d_ff
-    assert grown.max_seq_len == 2 * MODEL.max_seq_len
+    assert grown.max_positions == 2 * MODEL.max_positions
     reported = [m for m, _ in events if m.get("event") == "expand"]
     assert [m["scaling/kind"] for m in reported] == kinds
     assert reported[-1]["scaling/expansions"] == len(kinds)

@@ -21,10 +21,10 @@ TEXT = b"the quick brown fox jumps over the lazy dog. " * 30 + b"pack my box wit
 TRAIN = TrainConfig(batch_size=2, context_bytes=16, max_steps=4, warmup_steps=1, log_every=100, eval_every=2,
                     eval_batches=1, lr=1e-2)
 KINDS = {
-    "flat": ModelConfig.from_name("tiny", max_seq_len=144),
-    "patched": ModelConfig.from_name("tiny", kind="patched", max_seq_len=16),
-    "byte": ModelConfig.from_name("tiny", representation="byte", max_seq_len=16),
-    "diffusion": ModelConfig.from_name("tiny", causal=False, max_seq_len=144),
+    "flat": ModelConfig.from_name("tiny", max_positions=144),
+    "patched": ModelConfig.from_name("tiny", kind="patched", max_positions=16),
+    "byte": ModelConfig.from_name("tiny", representation="byte", max_positions=16),
+    "diffusion": ModelConfig.from_name("tiny", causal=False, max_positions=144),
 }
 
 

@@ -17,7 +17,7 @@ from bitlm.model import BitTransformerLM
 from bitlm.parallel import Strategy
 
 TEXT = b"the quick brown fox jumps over the lazy dog. " * 30 + b"pack my box with five dozen liquor jugs! " * 30
-MODEL = ModelConfig.from_name("tiny", max_seq_len=144)
+MODEL = ModelConfig.from_name("tiny", max_positions=144)
 TRAIN = TrainConfig(batch_size=2, context_bytes=16, max_steps=2, warmup_steps=1, log_every=1, eval_every=100,
                     eval_batches=1, checkpoint_every=1, keep_checkpoints=5)
 

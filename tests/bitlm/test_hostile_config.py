@@ -191,7 +191,7 @@ def test_context_bytes_above_the_model_context_is_refused_with_scaling_enabled()
     ("model.n_layers", 10 ** 5, "[1, 1024]"),
     ("model.n_heads", 10 ** 5, "[1, 1024]"),
     ("model.d_ff", 10 ** 9, "[1, 1048576]"),
-    ("model.max_seq_len", 2 ** 30, f"[1, {2 ** 24}]"),
+    ("model.max_positions", 2 ** 30, f"[1, {2 ** 24}]"),
     ("model.chunk_size", 2 ** 30, f"[1, {2 ** 24}]"),
     ("train.batch_size", 10 ** 8, "[1, 1000000]"),
     ("train.context_bytes", 2 ** 30, f"[2, {2 ** 24}]"),

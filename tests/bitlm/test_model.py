@@ -9,7 +9,7 @@ from bitlm.config import ModelConfig
 from bitlm.model import MASK, BitTransformerLM
 from bitlm.parallel import apply_activation_checkpointing
 
-TINY = ModelConfig.from_name("tiny", max_seq_len=128)
+TINY = ModelConfig.from_name("tiny", max_positions=128)
 OPTIONS = {
     "plain": {},
     "reversible": {"reversible": True},
@@ -210,7 +210,7 @@ def test_byte_baseline_reads_bytes_and_predicts_256_values():
 @pytest.mark.parametrize("name", ["tiny", "small", "base"])
 def test_presets_build_and_forward(name):
     cfg = ModelConfig.from_name(name)
-    model = BitTransformerLM(dataclasses.replace(cfg, max_seq_len=64))
+    model = BitTransformerLM(dataclasses.replace(cfg, max_positions=64))
     logits, _ = model(random_bits(batch=1, length=18))
     assert logits.shape == (1, 18, 2)
     assert model.num_parameters() > 0
@@ -218,6 +218,6 @@ def test_presets_build_and_forward(name):
 
 def test_bit_and_byte_models_of_a_preset_have_nearly_equal_parameter_counts():
     bit = BitTransformerLM(ModelConfig.from_name("small"))
-    byte = BitTransformerLM(ModelConfig.from_name("small", representation="byte", max_seq_len=256))
+    byte = BitTransformerLM(ModelConfig.from_name("small", representation="byte", max_positions=256))
     assert bit.num_parameters(exclude_embeddings=True) == pytest.approx(
         byte.num_parameters(exclude_embeddings=True), rel=0.05)

@@ -12,7 +12,7 @@ from bitlm.objective import batch_loss as causal_loss
 from bitlm.parallel import apply_activation_checkpointing
 from bitlm.sampling import generate, generate_ids
 
-PATCHED = ModelConfig.from_name("tiny", arch="patched", max_seq_len=16)
+PATCHED = ModelConfig.from_name("tiny", arch="patched", max_positions=16)
 OPTIONS = {
     "plain": {},
     "reversible": {"reversible": True},
@@ -91,7 +91,7 @@ def test_incremental_decoding_equals_the_full_forward(option):
 def test_cached_generation_equals_full_recompute_and_runs_past_the_context():
     model = make()
     prompt = random_bits(batch=1, n_bytes=3)
-    cached = generate_ids(model, prompt, 9 * 30, temperature=0)  # 33 bytes > max_seq_len of 16
+    cached = generate_ids(model, prompt, 9 * 30, temperature=0)  # 33 bytes > max_positions of 16
     recomputed = generate_ids(model, prompt, 9 * 30, temperature=0, use_cache=False)
     assert torch.equal(cached, recomputed)
 

@@ -11,7 +11,7 @@ from bitlm.config import ModelConfig
 from bitlm.model import BitTransformerLM
 from bitlm.sampling import filter_logits, generate, generate_ids, infer_long_sequence
 
-CFG = ModelConfig.from_name("tiny", max_seq_len=90)
+CFG = ModelConfig.from_name("tiny", max_positions=90)
 
 
 def make(**overrides):
@@ -57,7 +57,7 @@ def test_generate_returns_whole_bytes_with_valid_parity(parity):
 
 
 def test_byte_baseline_generates_bytes():
-    model = make(representation="byte", max_seq_len=32)
+    model = make(representation="byte", max_positions=32)
     out = generate(model, "x", 50, seed=0)
     assert len(out.new_bytes) == 50
 

@@ -35,7 +35,7 @@ def make(variant="flat", seed=0, **overrides):
     options = dict(options)
     checkpointed = options.pop("checkpoint_activations", False)  # applied from outside the model
     cfg = ModelConfig.from_name("tiny", kind, **SHAPE)
-    cfg = dataclasses.replace(cfg, max_seq_len=CONTEXT_BYTES * cfg.positions_per_byte, **(options | overrides))
+    cfg = dataclasses.replace(cfg, max_positions=CONTEXT_BYTES * cfg.positions_per_byte, **(options | overrides))
     torch.manual_seed(seed)
     model = BitTransformerLM(cfg).eval()
     return apply_activation_checkpointing(model) if checkpointed else model

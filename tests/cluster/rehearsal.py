@@ -55,7 +55,7 @@ def main(work: Path) -> dict:
         ray.init(address=cluster.address, log_to_driver=False)
         out["gpu_nodes"] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")]
         cfg = PipelineConfig(
-            model=ModelConfig.from_name("tiny", kind="patched", max_seq_len=64),
+            model=ModelConfig.from_name("tiny", kind="patched", max_positions=64),
             train=TrainConfig(batch_size=4, context_bytes=32, max_steps=4, warmup_steps=1, log_every=2, eval_every=4,
                               eval_batches=1, checkpoint_every=4, precision="fp32"),
             run=RayRunConfig(name="rehearsal", storage_path=str(work / "ray"), data=str(work / "data"),

@@ -29,7 +29,7 @@ BIN = Path(sys.executable).parent
 TEXT = b"So shaken as we are, so wan with care, find we a time for frighted peace to pant. " * 400
 # a tiny run: 1 worker, 12 steps, evaluations at 6 and 12
 TINY = ["run.num_workers=1", "train.max_steps=12", "train.eval_every=6", "train.checkpoint_every=6",
-        "train.batch_size=4", "train.context_bytes=64", "train.log_every=3", "model.max_seq_len=64",
+        "train.batch_size=4", "train.context_bytes=64", "train.log_every=3", "model.max_positions=64",
         "train.eval_batches=2"]
 
 

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
 TEXT = (b"the quick brown fox jumps over the lazy dog. " * 60 + b"pack my box with five dozen liquor jugs! " * 60)
-TEACHER = ModelConfig.from_name("tiny", kind="patched", max_seq_len=64)
+TEACHER = ModelConfig.from_name("tiny", kind="patched", max_positions=64)
 STUDENT = dataclasses.replace(TEACHER, d_model=32, d_ff=128)
 TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=8, warmup_steps=2, log_every=4, eval_every=8,
                     eval_batches=2, lr=3e-3, precision="fp32")

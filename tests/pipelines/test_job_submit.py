@@ -31,7 +31,7 @@ def test_ray_job_submit_trains_and_the_mlflow_run_holds_params_metrics_and_a_mod
     sets = [f"run.data={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'ray'}", "run.name=submitted",
             "run.experiment=jobs", "run.num_workers=1", "train.max_steps=12", "train.eval_every=6",
             "train.checkpoint_every=6", "train.batch_size=4", "train.context_bytes=64", "train.log_every=3",
-            "model.max_seq_len=64"]
+            "model.max_positions=64"]
     command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
                "--runtime-env-json", json.dumps(runtime_env), "--",
                "python", "-m", "pipelines.train", "--config", "pipelines/configs/tiny-cpu.json"]

@@ -21,7 +21,7 @@ from pipelines.train import PipelineConfig, RayRunConfig, load_config, train_dri
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-MODEL = ModelConfig.from_name("tiny", kind="patched", n_layers=2, max_seq_len=64)
+MODEL = ModelConfig.from_name("tiny", kind="patched", n_layers=2, max_positions=64)
 TRAIN = TrainConfig(batch_size=4, context_bytes=32, max_steps=16, warmup_steps=2, log_every=4, eval_every=8,
                     eval_batches=2, checkpoint_every=8, lr=3e-3, precision="fp32")
 CURVE_TOLERANCE = 2e-3  # val bpb of a 2-worker run vs one worker on the same global batch (float reduction order)

@@ -30,7 +30,7 @@ RAY_BOOKKEEPING = {"pid", "hostname", "node_ip", "time_this_iter_s", "time_total
 
 def base_config(corpus_dir: Path, storage: Path) -> PipelineConfig:
     return PipelineConfig(
-        model=ModelConfig.from_name("tiny", kind="patched", max_seq_len=64),
+        model=ModelConfig.from_name("tiny", kind="patched", max_positions=64),
         train=TrainConfig(batch_size=4, context_bytes=32, max_steps=24, warmup_steps=2, log_every=4, eval_every=8,
                           eval_batches=2, lr=3e-3, precision="fp32"),
         run=RayRunConfig(name="base", experiment="tune-tests", storage_path=str(storage / "ray"), data=str(corpus_dir),
