@@ -372,7 +372,7 @@ def save_distilled_model(student, path: str | Path, metrics: dict[str, Any]) -> 
     """The save_pretrained layout plus metrics.json, written atomically together; returns the directory."""
     path = Path(path)
     with ckpt.atomic_directory(path) as tmp:
-        ckpt._write_model(tmp, student.config, cpu_state(student))
+        ckpt.write_model(tmp, student.config, cpu_state(student))
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float) + "\n")
     return path
 
