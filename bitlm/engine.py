@@ -75,11 +75,12 @@ def fit(model, corpus, cfg: ExperimentConfig | TrainConfig, *, strategy: Optiona
     bar = _progress_bar(progress, trainer.cfg, trainer.step)
     while not trainer.done():
         trainer.train_step()
+        final = trainer.done()
+        logged = trainer.log(final)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{trainer.last_loss:.4f}")
-        final = trainer.done()
-        trainer.log(final)
+            if logged is not None:  # the log window's means: one step's loss is too noisy to read
+                bar.set_postfix(loss=f"{logged['train/loss']:.4f}", bpb=f"{logged['train/bpb']:.3f}")
         if trainer.due("eval_every_steps", final) and trainer.evaluate_and_grow(final):
             continue  # an expansion is a checkpoint of its own
         if checkpoint_dir is not None and (final or trainer.due("checkpoint_every_steps", final=False)):
@@ -275,20 +276,22 @@ class Trainer:
         if not math.isfinite(value):
             raise NonFiniteLossError(self.step + 1, f"{what} is {value}", self.last_checkpoint)
 
-    def log(self, final: bool) -> None:
-        """Report the window's training metrics every train.log_every_steps steps and at the end."""
+    def log(self, final: bool) -> Optional[dict[str, float]]:
+        """Report the window's training metrics every train.log_every_steps steps and at the end; returns them."""
         if not self.due("log_every_steps", final):
-            return
+            return None
         w, bpb = self.window, self.base.config.bits_per_byte
         bytes_per_s = w.n_steps * self.bytes_per_step / w.seconds
-        self.emit({"step": self.step, "train_seconds": self.train_seconds, "lr": self.lr,
+        metrics = {"step": self.step, "train_seconds": self.train_seconds, "lr": self.lr,
                    "train/loss": w.loss / w.n_steps, "train/bpb": w.bits / max(w.n_bytes, 1),
                    "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * bpb,
                    "grad_norm": self.grad_norm if self.grad_norm is not None else 0.0,
                    "bytes_seen": self.bytes_seen, "bits_seen": self.bytes_seen * bpb,
                    "model/n_parameters": self.n_parameters}
-                  | {f"train/{k}": v / w.n_steps for k, v in w.stats.items()}, None)
+        metrics |= {f"train/{k}": v / w.n_steps for k, v in w.stats.items()}
+        self.emit(metrics, None)
         self.window = Window()
+        return metrics
 
     def evaluate_and_grow(self, final: bool) -> bool:
         """Evaluate, warn on drift and, on a plateau, grow the model; True when it grew (and was saved)."""

@@ -142,3 +142,10 @@ def test_compiled_training_matches_eager_training(corpus):
     _, compiled, compiled_events = run(corpus, dataclasses.replace(cfg, compile=True))
     torch.testing.assert_close(losses(compiled_events), losses(eager_events), rtol=1e-4, atol=1e-5)
     assert compiled.metrics["val/bpb"] == pytest.approx(eager.metrics["val/bpb"], rel=1e-4)
+
+
+def test_the_progress_bar_shows_the_log_windows_mean_loss_and_bpb(corpus, capsys):
+    _, _, events = run(corpus, dataclasses.replace(TRAIN, max_steps=4, log_every=2, eval_every=4), progress=True)
+    last = [m for m, _ in events if "train/loss" in m][-1]  # the mean over steps 3 and 4, not step 4's loss
+    shown = capsys.readouterr().err
+    assert f"loss={last['train/loss']:.4f}" in shown and f"bpb={last['train/bpb']:.3f}" in shown
