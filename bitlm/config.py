@@ -20,9 +20,6 @@ NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
 StrategyName = Literal["single", "ddp", "fsdp", "pipeline"]  # bitlm.strategy.STRATEGIES
 PipelineSchedule = Literal["gpipe", "1f1b"]  # bitlm.pipelining.PIPELINE_SCHEDULES
 Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
-NormKind = Literal["layer", "rms"]
-MLPKind = Literal["gelu", "relu2", "swiglu"]
-PositionEncoding = Literal["sinusoidal", "rotary"]
 
 
 # Upper bounds turn a typo (an extra zero or two in d_model or batch_size) into an error naming the
@@ -63,10 +60,10 @@ class ModelConfig:
     n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
     # recipes of recent small models (nanoGPT, modded-nanogpt); the defaults are the original design
-    norm: NormKind = "layer"  # every norm of the model: LayerNorm or RMSNorm
-    mlp: MLPKind = "gelu"  # the blocks' MLP; swiglu keeps d_ff as its hidden width (1.5x the parameters)
+    norm: Literal["layer", "rms"] = "layer"  # every norm of the model: LayerNorm or RMSNorm
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # swiglu keeps d_ff as its width: 1.5x the MLP parameters
     qk_norm: bool = False  # RMS-normalise queries and keys per head (learned scale) before attention
-    position_encoding: PositionEncoding = "sinusoidal"  # rotary: q, k rotated by position, no table added
+    position_encoding: Literal["sinusoidal", "rotary"] = "sinusoidal"  # rotary: q, k rotated, no table added
     zero_init_residual: bool = False  # attention's proj and the MLP's last Linear start at zero
     zero_init_head: bool = False  # the output head starts at zero (patched: z = 0, every node at its bias)
 
