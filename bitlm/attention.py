@@ -67,6 +67,12 @@ def rotate(x: torch.Tensor, start: int) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+def _norm_heads(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of (B, nh, T, hs) heads with its weight in x's dtype: under autocast q and k are bf16,
+    and an fp32 weight would send torch.rms_norm to its slower unfused path."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def attention_mask(q_start: int, n_q: int, n_k: int, *, causal: bool, chunk_size: Optional[int],
                    device: torch.device) -> Optional[torch.Tensor]:
     """Boolean (n_q, n_k) mask, True where a query may attend; None when everything is allowed."""
@@ -109,7 +115,7 @@ class SelfAttention(nn.Module):
                 raise ValueError("the KV cache is for causal decoding; the model is in non-causal mode")
             q_start = cache.length
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = _norm_heads(self.q_norm, q), _norm_heads(self.k_norm, k)
         if self.rotary:  # by absolute position: the cached keys were rotated by theirs
             q, k = rotate(q, q_start), rotate(k, q_start)
         if cache is not None:
