@@ -11,6 +11,7 @@ from bitlm.attention import KVCache, SelfAttention, rotate
 from bitlm.config import ExperimentConfig, ModelConfig, apply_overrides
 from bitlm.distill import widen
 from bitlm.model import BitTransformerLM
+from bitlm.parallel import apply_activation_checkpointing
 from bitlm.pipelining import prune_to_stage
 from bitlm.scaling import expand_model
 
@@ -134,6 +135,16 @@ def test_reversible_backward_matches_plain_autograd_of_the_coupling(kind, option
     assert custom.keys() == reference.keys()
     for name in reference:
         torch.testing.assert_close(custom[name], reference[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_activation_checkpointing_gives_the_same_gradients_with_every_option(kind):
+    x = random_ids(kind)
+    plain = _grads(make(kind, ALL_ON).train(), x)
+    checkpointed = _grads(apply_activation_checkpointing(make(kind, ALL_ON).train()), x)
+    assert checkpointed.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("kind", KINDS)
