@@ -53,6 +53,26 @@ def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
     return table
 
 
+def rotate(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Rotary position code: (B, nh, T, hs) queries or keys at positions start.. rotated pairwise.
+
+    Feature i of the first half and feature i of the second half form a pair rotated by the angle
+    position * 10000^(-2i/hs), so q . k depends on the positions only through their difference.
+    """
+    T, half = x.shape[2], x.shape[3] // 2
+    freq = torch.exp(torch.arange(half, device=x.device, dtype=torch.float32) * (-2.0 * math.log(10000.0) / x.shape[3]))
+    angle = torch.arange(start, start + T, device=x.device, dtype=torch.float32)[:, None] * freq  # (T, hs/2)
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def _norm_heads(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of (B, nh, T, hs) heads with its weight in x's dtype: under autocast q and k are bf16,
+    and an fp32 weight would send torch.rms_norm to its slower unfused path."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.eps)
+
+
 def attention_mask(q_start: int, n_q: int, n_k: int, *, causal: bool, chunk_size: Optional[int],
                    device: torch.device) -> Optional[torch.Tensor]:
     """Boolean (n_q, n_k) mask, True where a query may attend; None when everything is allowed."""
@@ -71,13 +91,18 @@ def attention_mask(q_start: int, n_q: int, n_k: int, *, causal: bool, chunk_size
 class SelfAttention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention, with block-local chunking."""
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float, chunk_size: Optional[int]):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, chunk_size: Optional[int], *,
+                 qk_norm: bool = False, rotary: bool = False):
         super().__init__()
         self.n_heads = n_heads
         self.chunk_size = chunk_size
         self.dropout = dropout
+        self.rotary = rotary
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        # per-head RMSNorm of q and k bounds the attention logits, whatever the scale of x
+        self.q_norm = nn.RMSNorm(d_model // n_heads, eps=1e-5) if qk_norm else None
+        self.k_norm = nn.RMSNorm(d_model // n_heads, eps=1e-5) if qk_norm else None
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None, layer: int = 0,
                 return_weights: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -89,6 +114,11 @@ class SelfAttention(nn.Module):
             if not causal:
                 raise ValueError("the KV cache is for causal decoding; the model is in non-causal mode")
             q_start = cache.length
+        if self.q_norm is not None:
+            q, k = _norm_heads(self.q_norm, q), _norm_heads(self.k_norm, k)
+        if self.rotary:  # by absolute position: the cached keys were rotated by theirs
+            q, k = rotate(q, q_start), rotate(k, q_start)
+        if cache is not None:
             k, v = cache.update(layer, k, v)
         p = self.dropout if self.training else 0.0
         weights = None

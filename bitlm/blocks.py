@@ -18,17 +18,54 @@ from .config import ModelConfig
 from .reversible import reversible_stack
 
 
+def make_norm(kind: str, d: int) -> nn.Module:
+    """The model's normalisation over the last `d` features: model.norm "layer" or "rms"."""
+    return nn.RMSNorm(d, eps=1e-5) if kind == "rms" else nn.LayerNorm(d)
+
+
+class SquaredReLU(nn.Module):
+    """relu(x)^2."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """silu(gate) * value of (..., 2 d_ff) inputs holding each hidden unit's (gate, value) pair side by side.
+
+    Interleaved rather than two halves, so the first 2 k features are the first k units: growing
+    d_ff (bitlm.scaling, bitlm.distill.widen) keeps the old units in the leading rows of mlp[0].
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return nn.functional.silu(gate) * value
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Sequential:
+    """The block's MLP, (up, activation, down, dropout) for every kind, so mlp[0] and mlp[2] name the projections.
+
+    swiglu's up projection computes W1 x and W3 x together (2 d_ff outputs) and keeps d_ff as the
+    hidden width, so it has 1.5x the MLP parameters of gelu and relu2.
+    """
+    d, d_ff = cfg.d_model, cfg.d_ff
+    if cfg.mlp == "swiglu":
+        up, act = nn.Linear(d, 2 * d_ff), SwiGLU()
+    else:
+        up, act = nn.Linear(d, d_ff), SquaredReLU() if cfg.mlp == "relu2" else nn.GELU()
+    return nn.Sequential(up, act, nn.Linear(d_ff, d), nn.Dropout(cfg.dropout))
+
+
 class Block(nn.Module):
-    """x -> x + F(x), then + G(.): F is attention, G the MLP, each behind its own LayerNorm."""
+    """x -> x + F(x), then + G(.): F is attention, G the MLP, each behind its own norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.chunk_size)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model), nn.Dropout(cfg.dropout)
-        )
+        self.ln1 = make_norm(cfg.norm, cfg.d_model)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.chunk_size, qk_norm=cfg.qk_norm,
+                                  rotary=cfg.position_encoding == "rotary")
+        self.ln2 = make_norm(cfg.norm, cfg.d_model)
+        self.mlp = make_mlp(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def attend(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None, layer: int = 0,

@@ -59,6 +59,13 @@ class ModelConfig:
     local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
     n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
+    # recipes of recent small models (nanoGPT, modded-nanogpt); the defaults are the original design
+    norm: Literal["layer", "rms"] = "layer"  # every norm of the model: LayerNorm or RMSNorm
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"  # swiglu keeps d_ff as its width: 1.5x the MLP parameters
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (learned scale) before attention
+    position_encoding: Literal["sinusoidal", "rotary"] = "sinusoidal"  # rotary: q, k rotated, no table added
+    zero_init_residual: bool = False  # attention's proj and the MLP's last Linear start at zero
+    zero_init_head: bool = False  # the output head starts at zero (patched: z = 0, every node at its bias)
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
@@ -71,6 +78,8 @@ class ModelConfig:
                f"must be None or in [1, {2 ** 24}], got {self.chunk_size}")
         check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
+        check(self.position_encoding == "sinusoidal" or self.head_dim % 2 == 0, "model.position_encoding",
+              f"'rotary' rotates pairs of features, so model.d_model / model.n_heads must be even, got {self.head_dim}")
         check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 

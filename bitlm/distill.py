@@ -168,8 +168,9 @@ def widen(model: BitTransformerLM, width_scale: float, *, generator: Optional[to
         copy_weights_into(new, {k: v.cpu() for k, v in model.state_dict().items()})
         for block in new.body.stack.blocks:
             up, down = block.mlp[0], block.mlp[2]
-            up.weight[old:] = init_normal(up.weight[old:].shape, generator)
-            up.bias[old:] = 0.0
+            rows = old * up.out_features // new_cfg.d_ff  # swiglu: 2 rows per unit (gate, value)
+            up.weight[rows:] = init_normal(up.weight[rows:].shape, generator)
+            up.bias[rows:] = 0.0
             down.weight[:, old:] = 0.0
     return new.to(device=reference.device, dtype=reference.dtype).train(model.training)
 

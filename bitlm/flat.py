@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .attention import DecodeState, KVCache, sinusoidal_table
-from .blocks import BlockStack, StackOutput
+from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
 
 
@@ -28,9 +28,11 @@ class FlatBody(nn.Module):
         self.embed = nn.Embedding(self.n_inputs, cfg.d_model)
         # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
         self.phase = nn.Embedding(cfg.bits_per_byte, cfg.d_model) if is_bits else None
-        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        # rotary position codes live in attention; then no table is added to the inputs
+        table = sinusoidal_table(cfg.max_positions, cfg.d_model) if cfg.position_encoding == "sinusoidal" else None
+        self.register_buffer("positions", table, persistent=False)
         self.stack = BlockStack(cfg)
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, self.n_outputs)
 
     @property
@@ -40,7 +42,9 @@ class FlatBody(nn.Module):
     def embed_ids(self, x: torch.Tensor, start: int, offset: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, T) ids placed after `start` cached positions -> (B, T, d) stack inputs."""
         T = x.shape[1]
-        h = self.embed(x) + self.positions[start:start + T]  # (B, T, d)
+        h = self.embed(x)  # (B, T, d)
+        if self.positions is not None:
+            h = h + self.positions[start:start + T]
         if offset is not None:  # (B, 1, d): the stream marker of each row
             h = h + offset
         if self.phase is not None:

@@ -38,6 +38,7 @@ class BitTransformerLM(nn.Module):
         self.register_buffer("reference_marginals", torch.full((config.bits_per_byte,), 0.5))
         self.apply(_init_weights)
         self.body.stack.init_halting()
+        _zero_init(self.body, config)
 
     @property
     def causal(self) -> bool:
@@ -143,6 +144,18 @@ class BitTransformerLM(nn.Module):
                                        self.reference_marginals, self.config.bits_per_byte)
         summary["negentropy"] = tm.byte_negentropy(logits.softmax(-1))
         return summary
+
+
+def _zero_init(body: nn.Module, cfg: ModelConfig) -> None:
+    """model.zero_init_residual and model.zero_init_head, applied over _init_weights (biases already are 0)."""
+    if cfg.zero_init_residual:  # every block starts as the identity; its reads stay random so gradients flow
+        for _, block in body.stack.owned():
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp[2].weight)
+    if cfg.zero_init_head:
+        # patched: the projection A that starts to_local; z = A h is then 0 (the residual MLPs after it
+        # map 0 to 0 while their biases are 0), so every tree node's logit starts at its bias
+        nn.init.zeros_((body.to_local[0] if cfg.arch == "patched" else body.head).weight)
 
 
 def _init_weights(module: nn.Module) -> None:

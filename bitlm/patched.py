@@ -33,16 +33,16 @@ import torch
 from torch import nn
 
 from .attention import DecodeState, KVCache, sinusoidal_table
-from .blocks import BlockStack, StackOutput
+from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
 
 
 class _ResidualMLP(nn.Module):
-    """x + MLP(LayerNorm(x))."""
+    """x + MLP(norm(x)), the norm of model.norm."""
 
-    def __init__(self, d: int, d_ff: int):
+    def __init__(self, d: int, d_ff: int, norm: str):
         super().__init__()
-        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+        self.net = nn.Sequential(make_norm(norm, d), nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.net(x)
@@ -62,15 +62,17 @@ class PatchedBody(nn.Module):
         self.bits_per_byte = bpb
         # id of (phase j, value v) = 3 j + v: one table serves the encoder, another the local prefix
         self.byte_bits = nn.Embedding(3 * bpb, d)
-        self.byte_mlp = _ResidualMLP(d, 2 * d)
+        self.byte_mlp = _ResidualMLP(d, 2 * d, cfg.norm)
         self.bos = nn.Parameter(torch.zeros(d))
-        self.register_buffer("positions", sinusoidal_table(cfg.max_positions + 1, d), persistent=False)
+        # byte positions, BOS at 0; rotary codes the same positions inside attention, adding no table
+        table = sinusoidal_table(cfg.max_positions + 1, d) if cfg.position_encoding == "sinusoidal" else None
+        self.register_buffer("positions", table, persistent=False)
         self.stack = BlockStack(cfg)
-        self.norm = nn.LayerNorm(d)
+        self.norm = make_norm(cfg.norm, d)
         hidden = cfg.local_d_ff
         # linear like the byte model's head: node scores are then bilinear in the global state
         self.to_local = nn.Sequential(nn.Linear(d, hidden),
-                                      *(_ResidualMLP(hidden, 2 * hidden) for _ in range(cfg.n_local_layers)))
+                                      *(_ResidualMLP(hidden, 2 * hidden, cfg.norm) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
         self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
         self.node_bias = nn.Embedding(n_tree + bpb, 1)
@@ -117,7 +119,7 @@ class PatchedBody(nn.Module):
         """Run the stack over (B, N, d) inputs placed after the cache; returns local contexts (B, N, hidden)."""
         start = cache.length if cache is not None else 0
         n = byte_vectors.shape[1]
-        out = self.stack(byte_vectors + self.positions[start:start + n], causal=causal, cache=cache,
+        out = self.stack(self._add_positions(byte_vectors, start), causal=causal, cache=cache,
                          return_weights=return_weights)
         if cache is not None:
             cache.advance(n)
@@ -132,7 +134,11 @@ class PatchedBody(nn.Module):
             encoded = encoded + offset
         if causal:  # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
             encoded = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
-        return encoded + self.positions[:encoded.shape[1]]
+        return self._add_positions(encoded, 0)
+
+    def _add_positions(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, N, d) stack inputs at byte positions start.. plus their sinusoidal codes (none with rotary)."""
+        return h if self.positions is None else h + self.positions[start:start + h.shape[1]]
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
                 return_weights: bool = False, offset: Optional[torch.Tensor] = None,

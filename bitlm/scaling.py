@@ -71,8 +71,9 @@ def expand_model(model: BitTransformerLM, kind: str, *, add_layers: int = 1,
             d_ff = model.config.d_ff
             for block in new.body.stack.blocks:
                 up, down = block.mlp[0], block.mlp[2]
-                up.weight[d_ff:] = init_normal(up.weight[d_ff:].shape, generator)
-                up.bias[d_ff:] = 0.0
+                rows = d_ff * up.out_features // new_cfg.d_ff  # swiglu: 2 rows per unit (gate, value)
+                up.weight[rows:] = init_normal(up.weight[rows:].shape, generator)
+                up.bias[rows:] = 0.0
                 down.weight[:, d_ff:] = 0.0  # the new units write nothing until trained
     new.to(device=reference.device, dtype=reference.dtype)
     return new.train(model.training)
@@ -101,7 +102,7 @@ def _init_identity_block(block: Block, generator: Optional[torch.Generator]) -> 
         if isinstance(module, nn.Linear):
             module.weight.copy_(init_normal(module.weight.shape, generator))
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             module.reset_parameters()
     # zero residual writers make f and g output exactly 0; reads stay random so gradients reach them
     for linear in (block.attn.proj, block.mlp[2]):
