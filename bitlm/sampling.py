@@ -151,6 +151,7 @@ def _generate_patched_bytes(model, seq: torch.Tensor, n_new: int, temperature: f
     start = max(0, seq.shape[1] - keep_ids) if seq.shape[1] > cfg.max_input_ids else 0
     new = []  # (B, bpb) bit blocks, concatenated once at the end
     with eval_mode(model):
+        encodings = body.byte_encodings()  # one batched encoder pass instead of one per step
         state, _ = model.start_decoding(seq[:, start:])
         length = seq.shape[1] - start  # ids in the context
         for i in range(n_new // bpb):
@@ -165,7 +166,7 @@ def _generate_patched_bytes(model, seq: torch.Tensor, n_new: int, temperature: f
                 state, _ = model.start_decoding(seq[:, -keep_ids:])
                 length = keep_ids
             else:
-                body.push_byte(state, bits)
+                body.push_byte(state, bits, encodings[pattern])
                 length += bpb
     return torch.cat([seq, *new], dim=1)
 
