@@ -43,12 +43,14 @@ class Job:
     c_floor: float
     s_floor: float
     max_retries: int
+    sampling_unit: Optional[str] = None  # bitlm.sampling's sampling_unit; None: the model's default
 
     def batch_key(self) -> tuple:
         """Requests with equal keys decode together in a round (diffusion requests never share one)."""
         if self.mode == "diffusion":
             return ("diffusion", id(self))
-        return ("causal", len(self.prompt), self.max_new_bytes, self.temperature, self.top_k, self.top_p)
+        return ("causal", len(self.prompt), self.max_new_bytes, self.temperature, self.top_k, self.top_p,
+                self.sampling_unit)
 
 
 @dataclass
@@ -62,7 +64,8 @@ def sample_causal(model, jobs: list[Job], seeds: list[int]) -> list[Generation]:
     cfg, first = model.config, jobs[0]
     ids = torch.stack([prompt_ids(cfg, j.prompt) for j in jobs])
     out = generate_ids(model, ids, first.max_new_bytes * cfg.ids_per_byte, temperature=first.temperature,
-                       top_k=first.top_k, top_p=first.top_p, row_seeds=seeds)[:, ids.shape[1]:]
+                       top_k=first.top_k, top_p=first.top_p, row_seeds=seeds,
+                       sampling_unit=first.sampling_unit)[:, ids.shape[1]:]
     return [to_generation(cfg, job.prompt, row) for job, row in zip(jobs, out)]
 
 
