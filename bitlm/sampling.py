@@ -92,8 +92,8 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     temperature 1 without top-k/top-p both units draw from the same distribution; greedy
     (temperature 0) picks the most likely byte in one and the most likely bit at each step in the other.
 
-    With the cache each new id costs one incremental step (for the patched model: local steps, plus
-    one global step per completed byte). When the context fills up, the oldest half is dropped on a
+    With the cache each new id costs one incremental step (for the patched model bit by bit: local
+    steps, plus one global step per completed byte; byte at once: one draw and one global step per byte). When the context fills up, the oldest half is dropped on a
     byte boundary (so bit phases stay aligned) and the rest re-read. `use_cache=False` recomputes
     the whole prefix each step (the reference the cache is tested on).
     """

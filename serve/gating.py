@@ -23,7 +23,8 @@ from bitlm.sampling import Generation, generate_ids, prompt_ids, to_generation
 # float32 turns a smaller temperature into 0 (and x / T into inf or nan); sampling at it is greedy anyway
 MIN_TEMPERATURE = 1e-30
 # filter_logits compares float32 masses with top_p, where a smaller top_p rounds to 0 and drops every
-# value; any top_p below the top value's mass (>= 1/256) keeps exactly that value, so this changes nothing
+# value; any top_p below the top value's mass (>= 1/512, the patterns of a patched byte) keeps exactly
+# that value, so this changes nothing
 MIN_TOP_P = 1e-6
 
 
