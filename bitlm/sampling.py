@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -55,17 +55,45 @@ def _pick(logits: torch.Tensor, temperature: float, top_k, top_p, generators: li
     return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0] for i, g in enumerate(generators)])
 
 
+SamplingUnit = Literal["bit", "byte"]
+
+
+def resolve_sampling_unit(cfg, sampling_unit: Optional[str]) -> str:
+    """The unit a model samples in: the given one if the model can, else its default (None)."""
+    natural = {"flat": "bit", "patched": "byte"}.get(cfg.arch, "bit") if cfg.representation == "bit" else "byte"
+    if sampling_unit is None:
+        return natural
+    if sampling_unit not in ("bit", "byte"):
+        raise ValueError(f"sampling_unit must be 'bit' or 'byte', got {sampling_unit!r}")
+    if cfg.representation != "bit" and sampling_unit == "bit":
+        raise ValueError("sampling_unit='bit' needs a bit model; the byte baseline samples whole bytes")
+    if cfg.representation == "bit" and cfg.arch != "patched" and sampling_unit == "byte":
+        raise ValueError("sampling_unit='byte' needs a patched bit model; the flat bit model samples bit by bit")
+    return sampling_unit
+
+
 @torch.no_grad()
 def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 use_cache: bool = True, row_seeds: Optional[list[int]] = None) -> torch.Tensor:
+                 use_cache: bool = True, row_seeds: Optional[list[int]] = None,
+                 sampling_unit: Optional[SamplingUnit] = None) -> torch.Tensor:
     """Extend (B, T0) prompt ids by n_new sampled ids; returns (B, T0 + n_new).
 
     row_seeds: one generator per row instead of one for the batch (`seed`), so a row draws exactly
     what it would draw alone; the server batches independent requests this way.
 
-    With the cache each new id costs one incremental step (for the patched model: local steps, plus
-    one global step per completed byte). When the context fills up, the oldest half is dropped on a
+    sampling_unit: what one draw picks, and so what temperature, top-k and top-p act on.
+    "byte" (the default for patched models, the only unit of the byte baseline): the joint
+    distribution over a byte's 2^bits_per_byte bit patterns (512 with parity, wrong-parity ones
+    included at the model's mass; parity is enforced afterwards as ever), one draw and one global
+    step per byte; the prompt and n_new must then be whole bytes; it needs the cache, so with
+    use_cache=False the default is "bit". "bit" (the only unit of the
+    flat bit model): each bit's 2-way distribution, so top-k >= 2 keeps both values. At
+    temperature 1 without top-k/top-p both units draw from the same distribution; greedy
+    (temperature 0) picks the most likely byte in one and the most likely bit at each step in the other.
+
+    With the cache each new id costs one incremental step (for the patched model bit by bit: local
+    steps, plus one global step per completed byte; byte at once: one draw and one global step per byte). When the context fills up, the oldest half is dropped on a
     byte boundary (so bit phases stay aligned) and the rest re-read. `use_cache=False` recomputes
     the whole prefix each step (the reference the cache is tested on).
     """
@@ -85,6 +113,13 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
         else:
             generators[0].manual_seed(seed)
     seq = prompt.to(device)
+    if sampling_unit is None and not use_cache:
+        sampling_unit = "bit" if cfg.representation == "bit" else "byte"  # the recompute reference is bit by bit
+    if resolve_sampling_unit(cfg, sampling_unit) == "byte" and cfg.representation == "bit":
+        if not use_cache:
+            raise ValueError("byte-at-once sampling decodes with the KV cache; use sampling_unit='bit' "
+                             "for use_cache=False")
+        return _generate_patched_bytes(model, seq, n_new, temperature, top_k, top_p, generators)
     unit = cfg.ids_per_byte
     keep_bytes = max(1, cfg.max_input_ids // 2 // unit)
     start, state = 0, None  # the context is seq[:, start:]
@@ -104,10 +139,45 @@ def generate_ids(model, prompt: torch.Tensor, n_new: int, *, temperature: float 
     return seq
 
 
+def _generate_patched_bytes(model, seq: torch.Tensor, n_new: int, temperature: float, top_k, top_p,
+                            generators: list[torch.Generator]) -> torch.Tensor:
+    """generate_ids for a patched model, one whole byte per draw (see sampling_unit there)."""
+    cfg, body = model.config, model.body
+    bpb = cfg.bits_per_byte
+    if seq.shape[1] % bpb or n_new % bpb:
+        raise ValueError(f"byte-at-once sampling needs whole bytes: prompt of {seq.shape[1]} bits and n_new={n_new} "
+                         f"must be multiples of bits_per_byte={bpb} (or use sampling_unit='bit')")
+    keep_ids = max(1, cfg.max_input_ids // 2 // bpb) * bpb
+    start = max(0, seq.shape[1] - keep_ids) if seq.shape[1] > cfg.max_input_ids else 0
+    new = []  # (B, bpb) bit blocks, concatenated once at the end
+    with eval_mode(model):
+        encodings = body.byte_encodings()  # one batched encoder pass instead of one per step
+        state, _ = model.start_decoding(seq[:, start:])
+        length = seq.shape[1] - start  # ids in the context
+        for i in range(n_new // bpb):
+            pattern = _pick(body.next_byte_log_probs(state), temperature, top_k, top_p, generators)
+            bits = body.pattern_bits[pattern]  # (B, bpb)
+            new.append(bits)
+            if i == n_new // bpb - 1:
+                break
+            if length + bpb > cfg.max_input_ids:  # the context is full: keep its newest half and re-read it
+                seq = torch.cat([seq, *new], dim=1)
+                new = []
+                state, _ = model.start_decoding(seq[:, -keep_ids:])
+                length = keep_ids
+            else:
+                body.push_byte(state, bits, encodings[pattern])
+                length += bpb
+    return torch.cat([seq, *new], dim=1)
+
+
 def generate(model, prompt: str | bytes, max_new_bytes: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-             use_cache: bool = True) -> Generation:
-    """Continue a text prompt by max_new_bytes bytes, for a bit model or the byte baseline."""
+             use_cache: bool = True, sampling_unit: Optional[SamplingUnit] = None) -> Generation:
+    """Continue a text prompt by max_new_bytes bytes, for a bit model or the byte baseline.
+
+    sampling_unit: "bit" or "byte" (None: the model's default); see generate_ids.
+    """
     if max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
     data = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
@@ -115,7 +185,7 @@ def generate(model, prompt: str | bytes, max_new_bytes: int, *, temperature: flo
         raise ValueError("prompt must be at least one byte (the model predicts from earlier positions)")
     ids = prompt_ids(model.config, data)[None]
     out = generate_ids(model, ids, max_new_bytes * model.config.ids_per_byte, temperature=temperature, top_k=top_k,
-                       top_p=top_p, seed=seed, use_cache=use_cache)
+                       top_p=top_p, seed=seed, use_cache=use_cache, sampling_unit=sampling_unit)
     return to_generation(model.config, data, out[0, ids.shape[1]:])
 
 

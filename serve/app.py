@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from bitlm.rundir import run_safety_config
+from bitlm.sampling import resolve_sampling_unit
 
 from .audit import AuditLog
 from .gating import MIN_TEMPERATURE, MIN_TOP_P, Job, run_gated_isolated
@@ -207,7 +208,12 @@ class BitLMServer:
             if len(prompt) + n_new > room:
                 raise ApiError(422, f"max_new_bytes: prompt ({len(prompt)} bytes) + max_new_bytes "
                                     f"({n_new}) exceeds the diffusion context of {room} bytes")
-        return Job(prompt=prompt, max_new_bytes=n_new, mode=body.mode,
+        if body.mode == "causal":
+            try:
+                resolve_sampling_unit(cfg, body.sampling_unit)
+            except ValueError as err:
+                raise ApiError(422, f"sampling_unit: {err}") from None
+        return Job(prompt=prompt, max_new_bytes=n_new, mode=body.mode, sampling_unit=body.sampling_unit,
                    temperature=max(body.temperature, MIN_TEMPERATURE), top_k=body.top_k, top_p=None if body.top_p >= 1.0 else max(body.top_p, MIN_TOP_P),
                    diffusion_steps=body.diffusion_steps, schedule=body.schedule,
                    seed=secrets.randbelow(2**31) if body.seed is None else body.seed,

@@ -23,7 +23,8 @@ from bitlm.sampling import Generation, generate_ids, prompt_ids, to_generation
 # float32 turns a smaller temperature into 0 (and x / T into inf or nan); sampling at it is greedy anyway
 MIN_TEMPERATURE = 1e-30
 # filter_logits compares float32 masses with top_p, where a smaller top_p rounds to 0 and drops every
-# value; any top_p below the top value's mass (>= 1/256) keeps exactly that value, so this changes nothing
+# value; any top_p below the top value's mass (>= 1/512, the patterns of a patched byte) keeps exactly
+# that value, so this changes nothing
 MIN_TOP_P = 1e-6
 
 
@@ -43,12 +44,14 @@ class Job:
     c_floor: float
     s_floor: float
     max_retries: int
+    sampling_unit: Optional[str] = None  # bitlm.sampling's sampling_unit; None: the model's default
 
     def batch_key(self) -> tuple:
         """Requests with equal keys decode together in a round (diffusion requests never share one)."""
         if self.mode == "diffusion":
             return ("diffusion", id(self))
-        return ("causal", len(self.prompt), self.max_new_bytes, self.temperature, self.top_k, self.top_p)
+        return ("causal", len(self.prompt), self.max_new_bytes, self.temperature, self.top_k, self.top_p,
+                self.sampling_unit)
 
 
 @dataclass
@@ -62,7 +65,8 @@ def sample_causal(model, jobs: list[Job], seeds: list[int]) -> list[Generation]:
     cfg, first = model.config, jobs[0]
     ids = torch.stack([prompt_ids(cfg, j.prompt) for j in jobs])
     out = generate_ids(model, ids, first.max_new_bytes * cfg.ids_per_byte, temperature=first.temperature,
-                       top_k=first.top_k, top_p=first.top_p, row_seeds=seeds)[:, ids.shape[1]:]
+                       top_k=first.top_k, top_p=first.top_p, row_seeds=seeds,
+                       sampling_unit=first.sampling_unit)[:, ids.shape[1]:]
     return [to_generation(cfg, job.prompt, row) for job, row in zip(jobs, out)]
 
 

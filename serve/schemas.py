@@ -34,6 +34,10 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.8, gt=0, allow_inf_nan=False, description="Below 1e-30 sampled as 1e-30 (greedy).")
     top_k: Optional[int] = Field(None, ge=1, description="Causal mode only.")
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="Nucleus mass; causal mode only.")
+    sampling_unit: Optional[Literal["bit", "byte"]] = Field(
+        None, description="What one draw picks, and so what temperature/top_k/top_p act on: 'byte' (the joint "
+                          "over a byte's bit patterns; patched models and the byte baseline) or 'bit' (each bit's "
+                          "2 values; flat and patched bit models). null: the model's default. Causal mode only.")
     diffusion_steps: int = Field(16, ge=1, le=64)
     schedule: NoiseSchedule = "cosine"
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Attempt k uses seed + k; null: the server picks.")

@@ -22,6 +22,9 @@ MIN_DIFFUSION_TEMPERATURE = 1e-30
               help="Keep the k most likely values (bit models have 2).")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, callback=loading.finite,
               help="Nucleus sampling mass in (0, 1].")
+@click.option("--sampling-unit", type=click.Choice(["bit", "byte"]), default=None,
+              help="What one draw picks and temperature/top-k/top-p act on: a byte's bit patterns (patched models' "
+                   "default; the byte baseline's only unit) or one bit (the flat bit model's only unit).")
 @click.option("--seed", type=loading.SEEDS, default=None, help="Random seed for a reproducible sample.")
 @diffusion_options
 @click.option("--safe", is_flag=True, help="Gate the sample on C and S (retrying a blocked one with new seeds).")
@@ -34,19 +37,27 @@ MIN_DIFFUSION_TEMPERATURE = 1e-30
 @click.option("--strict", is_flag=True, help="With --safe: exit with an error when every attempt is blocked.")
 @click.option("--device", default=None, callback=loading.device,
               help="torch device (default: cuda if available, else cpu).")
-def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, seed, diffusion, noise_schedule,
+def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p, sampling_unit, seed, diffusion, noise_schedule,
                      diffusion_steps, safe, c_floor, s_floor, max_retries, strict, device):
     """Continue --prompt with the model in MODEL_DIR (a model, checkpoint or run directory).
 
     Causal models decode with the KV cache; non-causal (diffusion) models, or --diffusion, fill the
-    continuation by reverse diffusion. Parity is enforced after sampling either way.
+    continuation by reverse diffusion. Parity is enforced after sampling either way. Patched
+    models sample a whole byte per step unless --sampling-unit bit (--safe samples in the default unit).
     """
     from ..checkpoint import from_pretrained
     from ..diffusion import diffusion_sample
     from ..engine import resolve_device
-    from ..sampling import generate
+    from ..sampling import generate, resolve_sampling_unit
 
     model = from_pretrained(model_dir, device=resolve_device(device))
+    if sampling_unit is not None:
+        if diffusion or not model.config.causal or safe:
+            raise click.UsageError("--sampling-unit applies to causal sampling without --safe")
+        try:
+            resolve_sampling_unit(model.config, sampling_unit)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--sampling-unit") from None
     if diffusion and model.config.causal:
         raise click.UsageError(f"{model_dir} holds a causal model; --diffusion needs one trained with --diffusion")
     if safe:
@@ -62,7 +73,7 @@ def generate_command(model_dir, prompt, max_new_bytes, temperature, top_k, top_p
                                    seed=seed)
         else:
             out = generate(model, prompt, max_new_bytes, temperature=temperature, top_k=top_k, top_p=top_p,
-                           seed=seed)
+                           seed=seed, sampling_unit=sampling_unit)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
     click.echo(out.text)

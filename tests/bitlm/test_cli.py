@@ -98,7 +98,7 @@ def test_version_option_prints_the_package_version():
     ("train", ("--local", "--data", "--out", "--preset", "--config", "--set", "--minutes", "--steps", "--resume",
                "--device")),
     ("eval", ("--json", "--max-bytes", "--overlap-bytes", "--device")),
-    ("generate", ("--prompt", "--max-new-bytes", "--temperature", "--top-k", "--top-p", "--seed")),
+    ("generate", ("--prompt", "--max-new-bytes", "--temperature", "--top-k", "--top-p", "--sampling-unit", "--seed")),
     ("demo", ("--out", "--minutes", "--max-corpus-bytes")),
 ])
 def test_command_help_mentions_its_key_options(command, options):
@@ -352,6 +352,24 @@ def test_diffusion_train_eval_and_generate_end_to_end(corpus_dir, tmp_path):
                     "--diffusion-steps", "4", "--seed", "0")
     assert sample.exit_code == 0, sample.output
     assert stdout_of(sample).startswith("ab")
+
+
+def test_generate_sampling_unit_byte_on_the_flat_bit_model_fails_naming_the_option(untrained_model_dir):
+    result = invoke("generate", str(untrained_model_dir), "--sampling-unit", "byte", "--max-new-bytes", "2",
+                    "--device", "cpu")
+    assert result.exit_code == 2 and "--sampling-unit" in result.output and "patched" in result.output
+
+
+def test_generate_sampling_unit_bit_and_byte_both_sample_a_patched_model(tmp_path):
+    model_dir = save_pretrained(BitTransformerLM(ModelConfig.from_name("tiny", kind="patched")), tmp_path / "model")
+    outputs = {}
+    for unit in ("bit", "byte"):
+        result = invoke("generate", str(model_dir), "--prompt", "ab", "--max-new-bytes", "4", "--seed", "1",
+                        "--sampling-unit", unit, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        outputs[unit] = result.output
+    default = invoke("generate", str(model_dir), "--prompt", "ab", "--max-new-bytes", "4", "--seed", "1", "--device", "cpu")
+    assert default.output == outputs["byte"] and outputs["byte"].startswith("ab")
 
 
 def test_diffusion_generation_from_a_causal_model_is_refused(untrained_model_dir):

@@ -53,6 +53,12 @@ def test_generate_causal_equals_local_sampling_with_the_same_seed(server):
     assert r.json()["text"] == generate(model, "abc", 6, temperature=0.7, seed=11).text
 
 
+def test_sampling_unit_bit_is_the_flat_models_default(server):
+    body = {"prompt": "abc", "max_new_bytes": 6, "seed": 11, **PASS}
+    assert _post(server, "/v1/generate", body | {"sampling_unit": "bit"}).json()["text"] == \
+        _post(server, "/v1/generate", body).json()["text"]
+
+
 def test_generate_diffusion_fills_the_continuation(server):
     r = _post(server, "/v1/generate", {"prompt": "ab", "max_new_bytes": 6, "mode": "diffusion", "diffusion_steps": 4,
                                        "schedule": "linear", "seed": 1, **PASS}, url=server.diffusion_url)
@@ -247,6 +253,8 @@ BAD_BODIES = [
     ({"prompt": "a", "mode": "telepathy"}, "mode"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "a", "top_k": 0}, "top_k"),
+    ({"prompt": "a", "sampling_unit": "word"}, "sampling_unit"),
+    ({"prompt": "a", "sampling_unit": "byte"}, "sampling_unit"),  # the served causal model is the flat bit model
     ({"prompt": "a", "diffusion_steps": 65}, "diffusion_steps"),
     ({"prompt": "a", "schedule": "sqrt"}, "schedule"),
     ({"prompt": "a", "c_floor": 2}, "c_floor"),

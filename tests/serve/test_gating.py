@@ -13,9 +13,10 @@ from serve.gating import Job, Outcome, run_gated, run_gated_isolated
 pytestmark = pytest.mark.filterwarnings("ignore:model.reference_marginals")
 
 
-def _job(mode: str, seed: int) -> Job:
+def _job(mode: str, seed: int, sampling_unit=None) -> Job:
     return Job(prompt=b"To be", max_new_bytes=6, mode=mode, temperature=1.0, top_k=None, top_p=None,
-               diffusion_steps=4, schedule="cosine", seed=seed, c_floor=0.0, s_floor=0.0, max_retries=0)
+               diffusion_steps=4, schedule="cosine", seed=seed, c_floor=0.0, s_floor=0.0, max_retries=0,
+               sampling_unit=sampling_unit)
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,19 @@ def test_a_batch_that_succeeds_is_returned_as_is_and_a_lone_failure_raises(causa
         [o.new_bytes for o in run_gated(causal_model, jobs)]
     with pytest.raises(ValueError, match="non-causal"):
         run_gated_isolated(causal_model, [_job("diffusion", 7)])
+
+
+@pytest.mark.parametrize("unit", [None, "bit", "byte"])
+def test_a_batched_job_samples_in_its_unit_as_generate_ids_does(causal_model, unit):
+    from bitlm.sampling import generate_ids, prompt_ids, to_generation
+
+    jobs = [_job("causal", 7, unit), _job("causal", 8, unit)]
+    got = [o.new_bytes for o in run_gated(causal_model, jobs)]
+    ids = prompt_ids(causal_model.config, b"To be")[None]
+    for job, new in zip(jobs, got):
+        out = generate_ids(causal_model, ids, 6 * 9, row_seeds=[job.seed], sampling_unit=unit or "byte")
+        assert new == to_generation(causal_model.config, b"To be", out[0, ids.shape[1]:]).new_bytes
+
+
+def test_jobs_in_different_units_do_not_share_a_batch():
+    assert _job("causal", 1, "bit").batch_key() != _job("causal", 1, "byte").batch_key()
