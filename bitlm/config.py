@@ -14,7 +14,8 @@ from .renames import accepts_old_names, upgrade_document
 
 Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
-LRSchedule = Literal["cosine", "onecycle", "constant"]
+LRSchedule = Literal["cosine", "onecycle", "constant", "wsd"]
+OptimizerName = Literal["adamw", "muon"]  # bitlm.optim.build_optimizer
 Precision = Literal["auto", "fp32", "bf16"]
 NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
 StrategyName = Literal["single", "ddp", "fsdp", "pipeline"]  # bitlm.strategy.STRATEGIES
@@ -154,6 +155,12 @@ class TrainConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     schedule: LRSchedule = "cosine"  # of the learning rate
+    decay_fraction: float = 0.2  # wsd: the last fraction of the run, in which the lr falls linearly to min_lr_ratio
+    # muon: torch.optim.Muon for the 2-D weights inside the transformer blocks, AdamW (lr) for the rest;
+    # the schedule scales muon_lr by the same factor as lr
+    optimizer: OptimizerName = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     precision: Precision = "auto"
     compile: bool = False
@@ -194,6 +201,9 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        check(self.muon_lr > 0, "train.muon_lr", f"must be > 0, got {self.muon_lr}")
+        check(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
               f"must be >= 0, got {self.checkpoint_every_steps}")
@@ -326,6 +336,10 @@ class ExperimentConfig:
         check(self.train.context_bytes <= max_bytes, "train.context_bytes",
                f"must be <= {max_bytes}, the model's context in bytes (model.max_positions={self.model.max_positions}), "
                f"got {self.train.context_bytes}")
+        # FSDP2 shards every matrix across ranks; Muon orthogonalises whole matrices (bitlm.parallel.FSDPStrategy)
+        check(not (self.train.optimizer == "muon" and self.parallel.strategy == "fsdp"), "train.optimizer",
+              "'muon' is not supported with parallel.strategy='fsdp' (Muon needs whole weight matrices); "
+              "use 'adamw', or parallel.strategy 'ddp' or 'pipeline'")
 
 
 # the dotted prefix that names a section's fields in errors (from_dict(ModelConfig, ...) -> model.d_model)

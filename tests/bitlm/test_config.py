@@ -18,7 +18,8 @@ NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_acc
                                 compile=True, log_every=2, eval_every=5, eval_batches=1, checkpoint_every=4,
                                 keep_checkpoints=1, lambda_k=0.1, lambda_c=0.2, lambda_s=0.3, drift_window=3,
                                 drift_threshold=0.5, compress_prob=0.25, compress_warmup_steps=3,
-                                compress_ramp_steps=5, qat=True, qat_group_size=64)
+                                compress_ramp_steps=5, qat=True, qat_group_size=64, decay_fraction=0.5,
+                                optimizer="muon", muon_lr=0.01, muon_momentum=0.9)
 
 ROUND_TRIP_CASES = [
     pytest.param(ModelConfig, ModelConfig(), id="model-default"),
