@@ -31,6 +31,7 @@ MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "max_positions": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
 }
 MAX_BATCH_SIZE = 1_000_000
+MAX_INPUT_CONV = 64  # model.input_conv: a local mix of recent inputs, not a second long-range path
 # fit derives generator seeds as seed * 1_000_003 + index; below 2**32 those stay inside
 # torch.manual_seed's documented range [-2**63, 2**64 - 1], and every seed is one numpy accepts.
 MAX_SEED = 2 ** 32 - 1
@@ -60,6 +61,10 @@ class ModelConfig:
     local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
     n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
+    # kernel, in transformer positions (bits for the flat bit model, bytes otherwise), of a depthwise
+    # convolution added to the stack inputs (bitlm.input_conv): causal in causal mode, centred in
+    # non-causal (diffusion) mode; 0 = none
+    input_conv: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
@@ -72,6 +77,7 @@ class ModelConfig:
                f"must be None or in [1, {2 ** 24}], got {self.chunk_size}")
         check(0.0 < self.act_threshold <= 1.0, "model.act_threshold",
                f"must be in (0, 1], got {self.act_threshold}")
+        check_range(self.input_conv, "model.input_conv", 0, MAX_INPUT_CONV)
         check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
