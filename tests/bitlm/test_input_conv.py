@@ -12,6 +12,7 @@ from bitlm.input_conv import InputConv
 from bitlm.model import BitTransformerLM
 from bitlm.optim import build_optimizer
 from bitlm.pipelining import prune_to_stage
+from bitlm.sampling import generate_ids
 
 KINDS = ("flat", "patched", "byte")
 KERNEL = 5
@@ -84,6 +85,15 @@ def test_kv_cache_decoding_equals_the_full_forward(kind, prefix):
     for t in range(prefix, ids.shape[1] - 1):
         pieces.append(model.decode_next(state, ids[:, t]))
     torch.testing.assert_close(torch.stack(pieces, dim=1), full[:, prefix - 1:-1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_generation_equals_full_recompute_past_the_context(kind):
+    model = make(kind, max_positions=36 if kind == "flat" else 6)  # 4 bytes of bits, or 6 bytes
+    prompt = random_ids(model, n_ids=9 if kind != "byte" else 2, batch=1)
+    n_new = 60 if kind != "byte" else 12
+    cached = generate_ids(model, prompt, n_new, temperature=0)
+    assert torch.equal(cached, generate_ids(model, prompt, n_new, temperature=0, use_cache=False))
 
 
 def test_a_flat_forward_on_a_filled_cache_without_the_inputs_is_refused():
