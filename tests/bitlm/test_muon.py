@@ -156,10 +156,10 @@ def test_a_resumed_muon_run_continues_identically(corpus, tmp_path):
 
 
 def test_muon_under_ddp_trains_as_a_single_process(corpus, tmp_path):
-    single, single_events = run(corpus, dataclasses.replace(MUON, max_steps=4, eval_every_steps=4))
+    _, single_events = run(corpus, dataclasses.replace(MUON, max_steps=4, eval_every_steps=4))
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        ddp, ddp_events = run(corpus, dataclasses.replace(MUON, max_steps=4, eval_every_steps=4),
+        _, ddp_events = run(corpus, dataclasses.replace(MUON, max_steps=4, eval_every_steps=4),
                               strategy=DDPStrategy(rank=0, world_size=1))
     finally:
         dist.destroy_process_group()
