@@ -1,12 +1,13 @@
-"""Probe: would a causal input convolution help the causal models? (not part of the library yet)
+"""Probe: does the causal input convolution (model.input_conv) help the causal models?
 
 The diffusion ablation (bench_diffusion_ablation.py) showed a depthwise convolution over byte
 vectors lifting the non-causal patched model off its unigram plateau. This probe asks the same of
 the causal models: each trains the tiny preset for --steps AdamW steps (batch 16 x 64 bytes, the
-same seed and batches) with and without a causal depthwise convolution of --kernel bytes (byte i
-mixes bytes i-kernel+1..i) added to its input vectors, then reports val bpb on 20 validation
-batches. The convolution is attached here by wrapping the input encoder; the library has no such
-option because KV-cache decoding and the pipeline stages would need to carry its state.
+same seed and batches) with model.input_conv=0 and =--kernel (position t mixes the input vectors
+of positions t-kernel+1..t: id embeddings for the byte model, byte vectors after the BOS shift for
+the patched one), then reports val bpb on 20 validation batches. The first version of this probe
+(BENCHMARKS.md, 2026-11-22) wrapped the encoders from outside, before the BOS shift; the
+library's option is what runs now.
 """
 
 from __future__ import annotations
@@ -25,31 +26,9 @@ from bitlm.objective import batch_loss, evaluate_bpb
 from common import contender_config, emit, load_shakespeare
 
 
-class _CausalMix(nn.Module):
-    """encoder(x) + depthwise causal convolution of it along the sequence."""
-
-    def __init__(self, encoder, d: int, kernel: int):
-        super().__init__()
-        self.encoder, self.kernel = encoder, kernel
-        self.conv = nn.Conv1d(d, d, kernel, groups=d)
-
-    def forward(self, x):
-        v = self.encoder(x)
-        return v + self.conv(nn.functional.pad(v.transpose(1, 2), (self.kernel - 1, 0))).transpose(1, 2)
-
-
 def build(kind: str, kernel: int) -> BitTransformerLM:
     torch.manual_seed(0)
-    model = BitTransformerLM(contender_config(kind, "tiny", 64))
-    if kernel:
-        body, d = model.body, model.config.d_model
-        if kind == "patched":  # (B, L, bpb) bits -> (B, L, d), the byte vectors before the BOS shift
-            mix = _CausalMix(body.encode_bytes, d, kernel)
-            body.causal_mix = mix  # registered, so its parameters train
-            object.__setattr__(body, "encode_bytes", mix)  # found before the class's method
-        else:  # the byte model's token embedding
-            body.embed = _CausalMix(body.embed, d, kernel)
-    return model
+    return BitTransformerLM(contender_config(kind, "tiny", 64, input_conv=kernel))
 
 
 def run(kind: str, kernel: int, corpus: Corpus, args) -> dict:

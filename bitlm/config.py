@@ -14,7 +14,8 @@ from .renames import accepts_old_names, upgrade_document
 
 Arch = Literal["flat", "patched"]
 Representation = Literal["bit", "byte"]
-LRSchedule = Literal["cosine", "onecycle", "constant"]
+LRSchedule = Literal["cosine", "onecycle", "constant", "wsd"]
+OptimizerName = Literal["adamw", "muon"]  # bitlm.optim.build_optimizer
 Precision = Literal["auto", "fp32", "bf16"]
 NoiseSchedule = Literal["linear", "cosine", "exp", "loglinear"]
 StrategyName = Literal["single", "ddp", "fsdp", "pipeline"]  # bitlm.strategy.STRATEGIES
@@ -30,6 +31,7 @@ MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "max_positions": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
 }
 MAX_BATCH_SIZE = 1_000_000
+MAX_INPUT_CONV = 64  # model.input_conv: a local mix of recent inputs, not a second long-range path
 # fit derives generator seeds as seed * 1_000_003 + index; below 2**32 those stay inside
 # torch.manual_seed's documented range [-2**63, 2**64 - 1], and every seed is one numpy accepts.
 MAX_SEED = 2 ** 32 - 1
@@ -66,6 +68,10 @@ class ModelConfig:
     position_encoding: Literal["sinusoidal", "rotary"] = "sinusoidal"  # rotary: q, k rotated, no table added
     zero_init_residual: bool = False  # attention's proj and the MLP's last Linear start at zero
     zero_init_head: bool = False  # the output head starts at zero (patched: z = 0, every node at its bias)
+    # kernel, in transformer positions (bits for the flat bit model, bytes otherwise), of a depthwise
+    # convolution added to the stack inputs (bitlm.input_conv): causal in causal mode, centred in
+    # non-causal (diffusion) mode; 0 = none
+    input_conv: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
@@ -80,6 +86,7 @@ class ModelConfig:
                f"must be in (0, 1], got {self.act_threshold}")
         check(self.position_encoding == "sinusoidal" or self.head_dim % 2 == 0, "model.position_encoding",
               f"'rotary' rotates pairs of features, so model.d_model / model.n_heads must be even, got {self.head_dim}")
+        check_range(self.input_conv, "model.input_conv", 0, MAX_INPUT_CONV)
         check(self.arch == "flat" or self.representation == "bit", "model.arch",
                f"'patched' models bits; the byte baseline uses arch='flat' (got representation={self.representation!r})")
 
@@ -163,6 +170,12 @@ class TrainConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     schedule: LRSchedule = "cosine"  # of the learning rate
+    decay_fraction: float = 0.2  # wsd: the last fraction of the run, in which the lr falls linearly to min_lr_ratio
+    # muon: torch.optim.Muon for the 2-D weights inside the transformer blocks, AdamW (lr) for the rest;
+    # the schedule scales muon_lr by the same factor as lr
+    optimizer: OptimizerName = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0
     precision: Precision = "auto"
     compile: bool = False
@@ -203,6 +216,9 @@ class TrainConfig:
         check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
         check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1/beta2", "must be in [0, 1)")
         check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0.0 < self.decay_fraction <= 1.0, "train.decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
+        check(self.muon_lr > 0, "train.muon_lr", f"must be > 0, got {self.muon_lr}")
+        check(0.0 <= self.muon_momentum < 1.0, "train.muon_momentum", f"must be in [0, 1), got {self.muon_momentum}")
         check(self.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
               f"must be >= 0, got {self.checkpoint_every_steps}")
@@ -335,6 +351,10 @@ class ExperimentConfig:
         check(self.train.context_bytes <= max_bytes, "train.context_bytes",
                f"must be <= {max_bytes}, the model's context in bytes (model.max_positions={self.model.max_positions}), "
                f"got {self.train.context_bytes}")
+        # FSDP2 shards every matrix across ranks; Muon orthogonalises whole matrices (bitlm.parallel.FSDPStrategy)
+        check(not (self.train.optimizer == "muon" and self.parallel.strategy == "fsdp"), "train.optimizer",
+              "'muon' is not supported with parallel.strategy='fsdp' (Muon needs whole weight matrices); "
+              "use 'adamw', or parallel.strategy 'ddp' or 'pipeline'")
 
 
 # the dotted prefix that names a section's fields in errors (from_dict(ModelConfig, ...) -> model.d_model)

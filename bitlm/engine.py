@@ -21,7 +21,7 @@ from .config import ExperimentConfig, TrainConfig, to_dict
 from .diffusion import check_diffusion_model, corrupt, diffusion_loss
 from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, model_inputs, stream_loss,
                         telemetry_penalty)
-from .optim import autocast_factory, build_optimizer, lr_factor, resolve_device  # noqa: F401  (re-exported)
+from .optim import autocast_factory, build_optimizer, lr_factor, resolve_device, set_lr  # noqa: F401  (re-exported)
 from .parallel import parallelize
 from .progress import FitResult, NonFiniteLossError, Report, Window
 from .scaling import PlateauDetector, expanded_lr_scale, grow, grown_from
@@ -236,8 +236,7 @@ class Trainer:
         self.lr = cfg.lr * lr_factor(cfg, self.step, self.train_seconds)
         if self.expansions:
             self.lr *= expanded_lr_scale(self.exp.scaling, len(self.expansions), self.step - self.expansions[-1]["step"])
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
+        set_lr(self.optimizer, self.lr)  # Muon's groups (train.optimizer='muon') take muon_lr times the same factor
         for micro in range(cfg.grad_accum_steps):
             stats = {}
             if strategy.owns_backward:

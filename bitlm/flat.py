@@ -1,7 +1,8 @@
 """The flat body: one transformer position per input id (the seeds' design, and the byte baseline).
 
-forward is embed -> stack -> norm + head, each skipped when the module is None: a pipeline stage
-is this body with the modules another stage runs set to None (bitlm.pipelining).
+forward is embed (+ the input convolution, model.input_conv) -> stack -> norm + head, each skipped
+when the module is None: a pipeline stage is this body with the modules another stage runs set to
+None (bitlm.pipelining).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from .attention import DecodeState, KVCache, sinusoidal_table
 from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
+from .input_conv import InputConv
 
 
 class FlatBody(nn.Module):
@@ -28,6 +30,8 @@ class FlatBody(nn.Module):
         self.embed = nn.Embedding(self.n_inputs, cfg.d_model)
         # byte phase = position mod bits-per-byte: tells each bit which bit of its byte it is
         self.phase = nn.Embedding(cfg.bits_per_byte, cfg.d_model) if is_bits else None
+        # over the id embeddings only (before positions, phase and stream marker), as the probe measured it
+        self.input_conv = InputConv(cfg.d_model, cfg.input_conv) if cfg.input_conv else None
         # rotary position codes live in attention; then no table is added to the inputs
         table = sinusoidal_table(cfg.max_positions, cfg.d_model) if cfg.position_encoding == "sinusoidal" else None
         self.register_buffer("positions", table, persistent=False)
@@ -39,10 +43,16 @@ class FlatBody(nn.Module):
     def cache_capacity(self) -> int:
         return self.cfg.max_positions
 
-    def embed_ids(self, x: torch.Tensor, start: int, offset: Optional[torch.Tensor]) -> torch.Tensor:
-        """(B, T) ids placed after `start` cached positions -> (B, T, d) stack inputs."""
+    def embed_ids(self, x: torch.Tensor, start: int, offset: Optional[torch.Tensor], *, causal: bool = True,
+                  history: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) ids placed after `start` cached positions -> (B, T, d) stack inputs.
+
+        history: the id embeddings before x that the causal input convolution reads (decoding).
+        """
         T = x.shape[1]
         h = self.embed(x)  # (B, T, d)
+        if self.input_conv is not None:
+            h = self.input_conv(h, causal=causal, history=history)
         if self.positions is not None:
             h = h + self.positions[start:start + T]
         if offset is not None:  # (B, 1, d): the stream marker of each row
@@ -53,10 +63,17 @@ class FlatBody(nn.Module):
 
     def forward(self, x: torch.Tensor, *, causal: bool, cache: Optional[KVCache] = None,
                 return_weights: bool = False, offset: Optional[torch.Tensor] = None,
-                readout: bool = True) -> tuple[torch.Tensor, StackOutput]:
-        """readout: accepted for the patched body's sake; the flat head's output already is the logits."""
+                readout: bool = True, history: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, StackOutput]:
+        """readout: accepted for the patched body's sake; the flat head's output already is the logits.
+
+        history: see embed_ids; a cache that already holds positions needs it when model.input_conv is
+        set, which start_decoding / decode_next take care of.
+        """
         start = cache.length if cache is not None else 0
-        h = self.embed_ids(x, start, offset) if self.embed is not None else x
+        if start and self.input_conv is not None and history is None and self.embed is not None:
+            raise ValueError("model.input_conv: a flat model with an input convolution decodes through "
+                             "start_decoding/decode_next, which keep the inputs the convolution reads")
+        h = self.embed_ids(x, start, offset, causal=causal, history=history) if self.embed is not None else x
         out = self.stack(h, causal=causal, cache=cache, return_weights=return_weights)
         if cache is not None:
             cache.advance(x.shape[1])
@@ -69,9 +86,19 @@ class FlatBody(nn.Module):
         return out
 
     def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
-        logits, _ = self(ids, causal=True, cache=cache)
-        return DecodeState(cache=cache), logits[:, -1]
+        state = DecodeState(cache=cache, extra={})
+        return state, self._decode_step(state, ids)
 
     def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
-        logits, _ = self(next_ids[:, None], causal=True, cache=state.cache)
+        return self._decode_step(state, next_ids[:, None])
+
+    def _decode_step(self, state: DecodeState, ids: torch.Tensor) -> torch.Tensor:
+        """Run (B, T) new ids through the cache; the logits (B, V) of the id after them.
+
+        With model.input_conv the state keeps the last kernel - 1 id embeddings the convolution reads.
+        """
+        history = state.extra.get("inputs")
+        logits, _ = self(ids, causal=True, cache=state.cache, history=history)
+        if self.input_conv is not None:
+            state.extra = {**state.extra, "inputs": self.input_conv.history(self.embed(ids), history)}
         return logits[:, -1]

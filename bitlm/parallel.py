@@ -85,6 +85,12 @@ class FSDPStrategy(Strategy):
         super().__init__(rank=rank, world_size=world_size)
         self.mixed_precision = mixed_precision
 
+    def check(self, model: nn.Module, cfg, diffusion=None) -> None:
+        if cfg.optimizer == "muon":  # ExperimentConfig refuses the pair too; this covers strategies built in code
+            raise ValueError("train.optimizer: 'muon' is not supported by the fsdp strategy: FSDP2 shards every "
+                             "weight matrix across ranks and Muon orthogonalises whole matrices; use 'adamw', or "
+                             "parallel.strategy 'ddp' or 'pipeline'")
+
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -19,9 +19,13 @@ with it, it learns from its neighbours from the first few hundred steps. Bit j o
 is read from z_i down the byte's tree given its earlier clean bits (`local_prefix`), or through a
 per-phase vector when no prefix is given.
 
-forward is embed (byte encoder, BOS) -> stack -> head (norm, to_local) -> readout (the tree), each
-skipped when its module is None, so a pipeline stage is this body with another stage's modules
-set to None; the last stage returns the per-byte features and its loss reads them out with
+model.input_conv adds a depthwise convolution over the stack inputs (bitlm.input_conv): after the
+BOS shift in causal mode, so position i still reads BOS and bytes < i only and bit-level causality
+stays exact; over the byte vectors, centred, in non-causal mode.
+
+forward is embed (byte encoder, BOS, input convolution) -> stack -> head (norm, to_local) ->
+readout (the tree), each skipped when its module is None, so a pipeline stage is this body with
+another stage's modules set to None; the last stage returns the per-byte features and its loss reads them out with
 `readout`, which takes the bits the schedule already carries as the loss target.
 """
 
@@ -35,6 +39,7 @@ from torch import nn
 from .attention import DecodeState, KVCache, sinusoidal_table
 from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
+from .input_conv import InputConv
 
 
 class _ResidualMLP(nn.Module):
@@ -91,6 +96,7 @@ class PatchedBody(nn.Module):
         self.register_buffer("path_index", (path_nodes + n_tree * pattern_bits).flatten(), persistent=False)
         if not cfg.causal:  # depthwise: d x kernel weights, a few thousand parameters
             self.neighbour_mix = nn.Conv1d(d, d, _NEIGHBOUR_KERNEL, padding=_NEIGHBOUR_KERNEL // 2, groups=d)
+        self.input_conv = InputConv(d, cfg.input_conv) if cfg.input_conv else None
 
     @property
     def cache_capacity(self) -> int:
@@ -141,6 +147,8 @@ class PatchedBody(nn.Module):
             encoded = encoded + offset
         if causal:  # byte i's state sees BOS and bytes < i; L + 1 states also predict the first bit after the input
             encoded = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
+        if self.input_conv is not None:
+            encoded = self.input_conv(encoded, causal=causal)
         return self._add_positions(encoded, 0)
 
     def _add_positions(self, h: torch.Tensor, start: int) -> torch.Tensor:
@@ -195,8 +203,8 @@ class PatchedBody(nn.Module):
         n_full = T // self.bits_per_byte
         encoded = self.encode_bytes(ids[:, :n_full * self.bits_per_byte].view(B, n_full, self.bits_per_byte))
         shifted = torch.cat([self.bos.expand(B, 1, -1).to(encoded.dtype), encoded], dim=1)
-        ctx, _ = self._global(shifted, causal=True, cache=cache, return_weights=False)
-        state = DecodeState(cache=cache, extra={"ctx": ctx[:, -1], "prefix": ids[:, n_full * self.bits_per_byte:]})
+        state = DecodeState(cache=cache, extra={"prefix": ids[:, n_full * self.bits_per_byte:]})
+        self._global_step(state, shifted)
         return state, self._next_bit_logits(state)
 
     def decode_next(self, state: DecodeState, next_ids: torch.Tensor) -> torch.Tensor:
@@ -204,7 +212,7 @@ class PatchedBody(nn.Module):
         if prefix.shape[1] == self.bits_per_byte:
             self.push_byte(state, prefix)
         else:
-            state.extra = {"ctx": state.extra["ctx"], "prefix": prefix}
+            state.extra = {**state.extra, "prefix": prefix}
         return self._next_bit_logits(state)
 
     def push_byte(self, state: DecodeState, bits: torch.Tensor, encoded: Optional[torch.Tensor] = None) -> None:
@@ -216,8 +224,8 @@ class PatchedBody(nn.Module):
         """
         if encoded is None:
             encoded = self.encode_bytes(bits[:, None])
-        ctx, _ = self._global(encoded, causal=True, cache=state.cache, return_weights=False)
-        state.extra = {"ctx": ctx[:, -1], "prefix": bits[:, :0]}
+        state.extra = {**state.extra, "prefix": bits[:, :0]}
+        self._global_step(state, encoded)
 
     def next_byte_log_probs(self, state: DecodeState) -> torch.Tensor:
         """(B, 2^bpb) float32 log-probabilities of the next byte's bit patterns (index = bits MSB first).
@@ -241,6 +249,19 @@ class PatchedBody(nn.Module):
         """(2^bpb, 1, d) encode_bytes of every bit pattern: a table for push_byte while the weights stay fixed."""
         return self.encode_bytes(self.pattern_bits[:, None])
 
+    def _global_step(self, state: DecodeState, inputs: torch.Tensor) -> None:
+        """Advance the global stack by (B, N, d) byte-rate inputs (BOS, encoded bytes) after the cache.
+
+        Sets state.extra["ctx"], the local features of the last new position; with model.input_conv
+        the convolution reads the inputs kept in state.extra["inputs"], which this step updates.
+        """
+        if self.input_conv is not None:
+            history = state.extra.get("inputs")
+            state.extra = {**state.extra, "inputs": self.input_conv.history(inputs, history)}
+            inputs = self.input_conv(inputs, causal=True, history=history)
+        ctx, _ = self._global(inputs, causal=True, cache=state.cache, return_weights=False)
+        state.extra = {**state.extra, "ctx": ctx[:, -1]}
+
     def _next_bit_logits(self, state: DecodeState) -> torch.Tensor:
         prefix = state.extra["prefix"]
         phase = torch.tensor([prefix.shape[1]], device=prefix.device)
@@ -253,8 +274,10 @@ class PatchedBody(nn.Module):
         """
         B, T = x.shape
         bpb = self.bits_per_byte
-        ctx, _ = self._global(self.encode_noncausal(x.view(B, T // bpb, bpb)), causal=False, cache=None,
-                              return_weights=False)
+        encoded = self.encode_noncausal(x.view(B, T // bpb, bpb))
+        if self.input_conv is not None:
+            encoded = self.input_conv(encoded, causal=False)
+        ctx, _ = self._global(encoded, causal=False, cache=None, return_weights=False)
         bits = x.new_zeros(B, T // bpb, 0)
         for j in range(bpb):
             logits = self._local_logits(ctx, bits, torch.tensor([j], device=x.device))[..., 0, :]  # (B, L, 2)

@@ -3,10 +3,10 @@
 A stage is the model itself with the modules another rank runs set to None (torchtitan's rule):
 stage r keeps blocks [lo_r, hi_r) of `model.body.stack.blocks` (balanced, contiguous; the others
 become None, so ModuleList indices, and therefore parameter names, stay those of the full model),
-the first stage also the input embedding (flat) or byte encoder + BOS (patched), the last the
-output norm and head (flat) or norm, to_local and the tree decoder (patched). `model.parameters()`
-is then exactly this rank's share and `model.state_dict()` a subset of the full model's; the
-model's own forward skips what is None.
+the first stage also the input embedding (flat) or byte encoder + BOS (patched) and the input
+convolution over them (model.input_conv), the last the output norm and head (flat) or norm,
+to_local and the tree decoder (patched). `model.parameters()` is then exactly this rank's share
+and `model.state_dict()` a subset of the full model's; the model's own forward skips what is None.
 
 This module holds only the split, the schedule (torch.distributed.pipelining's GPipe or 1F1B over
 n_microbatches) with its relay of evaluation forwards, and the gather of the full state; the loss
@@ -46,7 +46,7 @@ def prune_to_stage(model: nn.Module, layers: range, *, is_first: bool, is_last: 
             blocks[i] = None
     patched = model.config.arch == "patched"
     if not is_first:
-        for name in ("byte_bits", "byte_mlp", "bos") if patched else ("embed", "phase"):
+        for name in ("byte_bits", "byte_mlp", "bos", "input_conv") if patched else ("embed", "phase", "input_conv"):
             setattr(body, name, None)
     if not is_last:
         for name in ("norm", "to_local", "node_vectors", "node_bias") if patched else ("norm", "head"):

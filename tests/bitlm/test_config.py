@@ -13,14 +13,15 @@ NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_
                                 chunk_size=32, full_attn_logging=True, act=True,
                                 act_threshold=0.5, local_d_ff=96, local_layers=2, n_streams=2,
                                 norm="rms", mlp="swiglu", qk_norm=True, position_encoding="rotary",
-                                zero_init_residual=True, zero_init_head=True)
+                                zero_init_residual=True, zero_init_head=True, input_conv=3)
 NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
                                 max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
                                 beta2=0.99, warmup_steps=0, schedule="onecycle", grad_clip=0.0, precision="bf16",
                                 compile=True, log_every=2, eval_every=5, eval_batches=1, checkpoint_every=4,
                                 keep_checkpoints=1, lambda_k=0.1, lambda_c=0.2, lambda_s=0.3, drift_window=3,
                                 drift_threshold=0.5, compress_prob=0.25, compress_warmup_steps=3,
-                                compress_ramp_steps=5, qat=True, qat_group_size=64)
+                                compress_ramp_steps=5, qat=True, qat_group_size=64, decay_fraction=0.5,
+                                optimizer="muon", muon_lr=0.01, muon_momentum=0.9)
 
 ROUND_TRIP_CASES = [
     pytest.param(ModelConfig, ModelConfig(), id="model-default"),

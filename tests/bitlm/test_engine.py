@@ -111,7 +111,7 @@ def test_context_longer_than_the_model_is_rejected(corpus):
         run(corpus, cfg)
 
 
-@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant"])
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "constant", "wsd"])
 def test_lr_schedules_warm_up_and_stay_positive(schedule):
     cfg = TrainConfig(max_steps=1000, warmup_steps=100, schedule=schedule, min_lr_ratio=0.1)
     factors = [lr_factor(cfg, s, 0.0) for s in range(1000)]

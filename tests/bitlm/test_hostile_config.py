@@ -80,7 +80,7 @@ WRONG_TYPES = [
     pytest.param("model.chunk_size", "64", "expected int or None, got str '64'", id="str-for-optional-int"),
     pytest.param("train.max_seconds", "60", "expected float or None, got str '60'", id="str-for-optional-float"),
     pytest.param("model.arch", 5, "must be one of ['flat', 'patched'], got 5", id="int-for-choice"),
-    pytest.param("train.schedule", None, "must be one of ['cosine', 'onecycle', 'constant'], got None",
+    pytest.param("train.schedule", None, "must be one of ['cosine', 'onecycle', 'constant', 'wsd'], got None",
                  id="null-for-choice"),
     pytest.param("scaling.order", 3, "expected str, got int 3", id="int-for-str"),
 ]
