@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bitlm.baselines import compressor_bpb
-from bitlm.config import TrainConfig, apply_overrides
+from bitlm.config import ExperimentConfig, TrainConfig, apply_overrides
 from bitlm.data import Corpus
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
@@ -34,10 +34,12 @@ def race(name: str, corpus: Corpus, args) -> dict:
                             max_steps=10_000_000, max_seconds=args.minutes * 60, warmup_steps=args.warmup_steps,
                             eval_every=max(10, int(EVAL_EVERY_10_MIN[name] * args.minutes / 10)), eval_batches=10,
                             log_every=100, seed=0)
+    exp = apply_overrides(ExperimentConfig(model=model_cfg, train=train_cfg), args.set)  # a recipe (bench_recipe.py)
+    model_cfg, train_cfg = exp.model, exp.train
     torch.manual_seed(0)
     model = BitTransformerLM(model_cfg)
     logs = []
-    result = fit(model, corpus, train_cfg, report=lambda m, c: logs.append(m) if "bytes_per_s" in m else None)
+    result = fit(model, corpus, exp, report=lambda m, c: logs.append(m) if "bytes_per_s" in m else None)
     final = evaluate_bpb(model, corpus.val.sequential_batches(64, args.context_bytes))
     bytes_per_s = [m["bytes_per_s"] for m in logs[1:]] or [logs[-1]["bytes_per_s"]]
     return {"model": name, "params": model.num_parameters(), "steps": result.step,
@@ -75,14 +77,19 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CONTENDERS))
     parser.add_argument("--set-model", action="append", default=[], metavar="MODEL:KEY=VALUE",
                         help="a ModelConfig override for one contender, e.g. patched:local_d_ff=512")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted experiment override for every contender, e.g. train.optimizer=muon")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--context-bytes", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 to race side by side")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--curves", type=Path, default=Path("results/quality_curves.json"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     per_model: dict[str, list[str]] = {}
     for item in args.set_model:
         name, kv = item.split(":", 1)
