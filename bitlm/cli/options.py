@@ -11,22 +11,27 @@ from typing import Optional
 import click
 
 from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, apply_overrides, from_dict
+from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides, strategy_in
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
 
 def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: tuple[str, ...],
                      minutes: Optional[float], steps: Optional[int], *, cls: type = ExperimentConfig,
-                     defaults: tuple[str, ...] = ()):
-    """Preset of a kind (or JSON file) -> `defaults` -> --minutes/--steps -> --set overrides, in that order.
+                     defaults: tuple[str, ...] = (), recipe: str = DEFAULT_RECIPE):
+    """Preset of a kind + recipe (or JSON file) -> `defaults` -> --minutes/--steps -> --set, in that order.
 
     `cls` is ExperimentConfig for local runs, or pipelines.train.PipelineConfig (adds `run`) for Ray runs.
+    A --config file is a whole experiment: no recipe is applied to it.
     """
     try:
         if config_file:
             cfg = config_from_file(cls, config_file)
         else:
-            cfg = apply_overrides(cls(model=ModelConfig.from_name(preset, kind=kind)), defaults)
+            # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon), so read it from what follows
+            strategy = strategy_in(tuple(defaults) + tuple(sets))
+            cfg = apply_overrides(cls(model=ModelConfig.from_name(preset, kind=kind)),
+                                  recipe_overrides(recipe, strategy) + tuple(defaults))
         if minutes is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))
@@ -55,8 +60,13 @@ def config_from_file(cls: type, path: str):
         raise ValueError(f"{path}: {err}") from None
 
 
+def _recipe_help() -> str:
+    listed = "; ".join(f"{name}: {' '.join(sets) or 'the dataclass defaults'}" for name, sets in RECIPES.items())
+    return f"Training recipe applied on top of the preset, before --set ({listed}). Ignored with --config."
+
+
 def model_options(fn):
-    """--preset, --arch, --config, --set, --minutes, --steps."""
+    """--preset, --arch, --recipe, --config, --set, --minutes, --steps."""
     options = [
         click.option("--preset", default="small", show_default=True, type=click.Choice(typing.get_args(Preset)),
                      help="Model size preset (see ModelConfig.from_name)."),
@@ -64,6 +74,8 @@ def model_options(fn):
                      help="patched: bit model with a byte-rate global transformer and a per-bit local decoder; "
                           "flat: one transformer position per bit (the seeds' design); "
                           "byte: the byte-level baseline with the same backbone."),
+        click.option("--recipe", default=DEFAULT_RECIPE, show_default=True, type=click.Choice(sorted(RECIPES)),
+                     help=_recipe_help()),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="ExperimentConfig JSON (as written to <out>/config.json); replaces --preset."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",

@@ -162,7 +162,7 @@ def _score_text(metrics) -> str:
 @click.option("--collapse-floors", default="c=0.3,s=0.5", show_default=True, help="--auto-collapse: the floors.")
 @click.option("--collapse-steps", type=click.IntRange(min=1), default=300, show_default=True,
               help="--auto-collapse: optimizer steps per distillation round.")
-def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, minutes, steps, resume, diffusion,
+def train_command(local, data_dir, out_dir, preset, kind, recipe, config_file, sets, minutes, steps, resume, diffusion,
                   noise_schedule, diffusion_steps, diffusion_curriculum, device, workers, strategy, gpu, scaling, qat,
                   address, verify_data, auto_collapse, collapse_student, collapse_floors, collapse_steps):
     """Train a model on a prepared corpus.
@@ -183,7 +183,7 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
         collapse = _collapse_plan(diffusion, collapse_student, collapse_floors, collapse_steps, local, device, workers,
                                   strategy, address, data_dir, out)
     if local:
-        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps)
+        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps, recipe=recipe)
         _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
                                           progress=sys.stderr.isatty(), verify_data=verify_data)
         click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "
@@ -199,7 +199,8 @@ def train_command(local, data_dir, out_dir, preset, kind, config_file, sets, min
     run += [f"parallel.strategy={strategy}"] if strategy else []
     run += ["run.use_gpu=true"] if gpu else []
     run += [] if verify_data else ["run.verify_data=false"]
-    cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig)
+    cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig,
+                           recipe=recipe)
     _read_manifest(Path(data_dir))  # a bad --data fails before an earlier run is cleared
     # Ray Train resumes whatever run sits at the same name and storage path: a fresh run clears it
     # (the driver checks the shards and, on a resume, that the corpus is the run's)

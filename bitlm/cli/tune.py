@@ -77,7 +77,7 @@ def tune_options(fn):
 @model_options
 def tune_command(space, num_samples, data_dir, search, grid_points, scheduler, grace_period, reduction_factor, max_t,
                  max_concurrent, minutes_per_trial, trial_cpus, storage_path, name, seed, n_probes, stop_after, resume,
-                 address, preset, kind, config_file, sets, minutes, steps):
+                 address, preset, kind, recipe, config_file, sets, minutes, steps):
     """Search hyperparameters with Ray Tune; every trial is a Ray Train run and an MLflow child run.
 
     The base config is --preset/--arch (or --config) with --set overrides; each trial applies its
@@ -99,7 +99,7 @@ def tune_command(space, num_samples, data_dir, search, grid_points, scheduler, g
     if minutes_per_trial is not None:
         minutes = minutes_per_trial
     base = build_experiment(preset, kind, config_file, tuple(sets), minutes, steps, cls=PipelineConfig,
-                            defaults=TUNE_DEFAULTS)
+                            defaults=TUNE_DEFAULTS, recipe=recipe)
     try:
         cfg = SearchConfig(space=loaded, base=base, num_samples=num_samples, search=search, grid_points=grid_points,
                            scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
