@@ -4,7 +4,8 @@ On a GPU every part uses the `base` preset in bf16. `--smoke` (or BITLM_GPU_SMOK
 code on the CPU with the `tiny` preset, short budgets and gloo for FSDP, so the suite can be checked
 on a machine without one; its numbers say nothing about a GPU. `--set model.KEY=VALUE` and
 `--set train.KEY=VALUE` reach the configs of every part (the race, MFU and FSDP runs' ExperimentConfig,
-the generation models' ModelConfig).
+the generation models' ModelConfig). Every part runs `--recipe` (default: the commands' default,
+bitlm.recipes) under the --set overrides; the FSDP part gets the recipe's FSDP fallback (AdamW).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bitlm.engine import autocast_factory, build_optimizer, fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import batch_loss, evaluate_bpb
 from bitlm.parallel import FSDPStrategy, parallelize
+from bitlm.recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
 from bitlm.sampling import generate_ids, prompt_ids
 from bitlm.strategy import Strategy
 
@@ -44,11 +46,16 @@ class Settings:
     batch_size: int
     context_bytes: int
     overrides: tuple[str, ...]
+    recipe: str = DEFAULT_RECIPE
+
+    def assignments(self, strategy: str | None = None) -> list[str]:
+        """The recipe's dotted overrides (what `strategy` cannot run swapped out), then the --set ones."""
+        return list(recipe_overrides(self.recipe, strategy)) + list(self.overrides)
 
     @property
     def record(self) -> dict:
         return {"smoke": self.smoke, "preset": self.preset, "batch_size": self.batch_size,
-                "context_bytes": self.context_bytes, "overrides": list(self.overrides)}
+                "context_bytes": self.context_bytes, "recipe": self.recipe, "overrides": list(self.overrides)}
 
 
 def settings_from(args) -> Settings:
@@ -57,17 +64,17 @@ def settings_from(args) -> Settings:
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke (BITLM_GPU_SMOKE=1) for the CPU check")
     if smoke:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
-        return Settings(True, torch.device("cpu"), "tiny", 4, 32, tuple(args.set))
+        return Settings(True, torch.device("cpu"), "tiny", 4, 32, tuple(args.set), args.recipe)
     torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (evaluation, generation) as a user runs them
-    return Settings(False, torch.device("cuda"), "base", args.batch_size, args.context_bytes, tuple(args.set))
+    return Settings(False, torch.device("cuda"), "base", args.batch_size, args.context_bytes, tuple(args.set), args.recipe)
 
 
-def experiment(s: Settings, kind: str, **train) -> ExperimentConfig:
-    """The run of `kind` (byte, patched) at the suite's shape, bf16 on a GPU, with the --set overrides."""
+def experiment(s: Settings, kind: str, strategy: str | None = None, **train) -> ExperimentConfig:
+    """The run of `kind` (byte, patched) at the suite's shape, bf16 on a GPU, with the recipe and --set overrides."""
     model = contender_config(kind, s.preset, s.context_bytes)
     train_cfg = TrainConfig(batch_size=s.batch_size, context_bytes=s.context_bytes,
                             precision="fp32" if s.smoke else "bf16", **train)
-    return apply_overrides(ExperimentConfig(model=model, train=train_cfg), list(s.overrides))
+    return apply_overrides(ExperimentConfig(model=model, train=train_cfg), s.assignments(strategy))
 
 
 def load_corpus() -> Corpus:
@@ -175,7 +182,7 @@ def fsdp(s: Settings, args, out: Path) -> None:
     try:
         corpus = load_corpus()
         n_steps = 4 if s.smoke else args.steps
-        exp = experiment(s, args.model, max_steps=n_steps, warmup_steps=2, log_every_steps=max(1, n_steps // 2),
+        exp = experiment(s, args.model, "fsdp", max_steps=n_steps, warmup_steps=2, log_every_steps=max(1, n_steps // 2),
                          eval_every_steps=10_000_000, n_eval_batches=2)
         exp = dataclasses.replace(exp, parallel=dataclasses.replace(exp.parallel, strategy="fsdp"))
         # make_strategy gives one rank the plain strategy (nothing to shard); the suite wants FSDP2's code path itself
@@ -203,7 +210,7 @@ def generation(s: Settings, args, out: Path) -> None:
     new_bytes = 4 if s.smoke else args.new_bytes
     for kind in args.models.split(","):
         cfg = apply_overrides(ExperimentConfig(model=contender_config(kind, s.preset, args.prompt_bytes + new_bytes)),
-                              [o for o in s.overrides if o.startswith("model.")]).model
+                              [o for o in s.assignments() if o.startswith("model.")]).model
         torch.manual_seed(0)
         model = BitTransformerLM(cfg).to(s.device).eval()
         for batch in (1, 4 if s.smoke else 64):
@@ -227,6 +234,8 @@ def main() -> None:
                         if os.environ.get("OUT") else RESULTS)
     common.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="an override of the run's config, e.g. model.n_layers=12 or train.lr=2e-3")
+    common.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
+                        help="named overrides applied before --set (bitlm/recipes.py)")
     common.add_argument("--batch-size", type=int, default=64)
     common.add_argument("--context-bytes", type=int, default=512)
     parser = argparse.ArgumentParser(description=__doc__)

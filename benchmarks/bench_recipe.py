@@ -88,21 +88,24 @@ def launch(model: str, variant: str, overrides: list[str], seed: int, args) -> d
 
 
 def table(records: list[dict]) -> str:
-    """Markdown: per model and variant, the mean bpb over seeds and its change against that model's baseline."""
+    """Markdown: per model and variant, the mean bpb over runs (and its range when there are several) and
+    its change against that model's baseline."""
     from statistics import mean
 
     rows = {}
     for r in records:
         if "val_bpb" in r:
             rows.setdefault((r["model"], r["variant"]), []).append(r)
-    lines = ["| model | variant | val bpb | vs baseline | steps | train bytes/s | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | variant | val bpb | range | vs baseline | steps | train bytes/s | runs (seeds) |",
+             "|---|---|---|---|---|---|---|---|"]
     for (model, variant), runs in sorted(rows.items(), key=lambda kv: (kv[0][0], mean(r["val_bpb"] for r in kv[1]))):
         bpb = mean(r["val_bpb"] for r in runs)
         base = rows.get((model, "baseline"))
         change = f"{100 * (bpb / mean(r['val_bpb'] for r in base) - 1):+.1f}%" if base else "n/a"
-        lines.append(f"| {model} | {variant} | {bpb:.3f} | {change} | {mean(r['steps'] for r in runs):.0f} | "
-                     f"{mean(r['train_bytes_per_s'] for r in runs):.0f} | {len(runs)} |")
+        spread = f"{min(r['val_bpb'] for r in runs):.3f}-{max(r['val_bpb'] for r in runs):.3f}" if len(runs) > 1 else ""
+        seeds = ",".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {model} | {variant} | {bpb:.3f} | {spread} | {change} | {mean(r['steps'] for r in runs):.0f} | "
+                     f"{mean(r['train_bytes_per_s'] for r in runs):.0f} | {len(runs)} ({seeds}) |")
     failed = [r for r in records if "error" in r]
     lines += [f"\nfailed: {r['model']} {r['variant']} seed {r['seed']}: {r['error']}" for r in failed]
     return "\n".join(lines)

@@ -49,7 +49,8 @@ def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, 
         saved = ckpt.read_config(latest)
         if saved != cfg.model and not grown_from(cfg.model, saved):
             raise click.UsageError(f"{out} holds checkpoints of a different model ({latest.name}); "
-                                   "pass --no-resume to start over or choose another --out")
+                                   "pass --no-resume to start over or choose another --out (a run begun "
+                                   "before recipes existed resumes with --recipe original)")
     (out / "config.json").write_text(to_json(cfg))
     torch.manual_seed(cfg.train.seed)  # the initial weights are the seed's, like everything after them
     model = BitTransformerLM(cfg.model)
