@@ -3,7 +3,12 @@
 Each model trains for --minutes of optimizer time (evaluation pauses excluded) on the first 90%
 of the file and is scored on the whole last 10% in bits per byte, next to gzip -9 and xz -9e
 on the same validation bytes. Learning curves (val bpb vs training seconds) go to a JSON file
-and a PNG.
+and a PNG; --save keeps each trained model. Two races can run side by side with --threads 1 and
+their curve files be drawn as one figure afterwards:
+
+    python bench_quality.py --models byte --threads 1 --curves results/curves_byte.json &
+    python bench_quality.py --models patched --threads 1 --curves results/curves_patched.json
+    python bench_quality.py --merge results/curves_byte.json results/curves_patched.json
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from bitlm.baselines import compressor_bpb
 from bitlm.config import ExperimentConfig, TrainConfig, apply_overrides
 from bitlm.data import Corpus
+from bitlm.checkpoint import save_pretrained
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import evaluate_bpb
@@ -41,6 +47,8 @@ def race(name: str, corpus: Corpus, args) -> dict:
     logs = []
     result = fit(model, corpus, exp, report=lambda m, c: logs.append(m) if "bytes_per_s" in m else None)
     final = evaluate_bpb(model, corpus.val.sequential_batches(64, args.context_bytes))
+    if args.save is not None:
+        save_pretrained(model, args.save / name)
     bytes_per_s = [m["bytes_per_s"] for m in logs[1:]] or [logs[-1]["bytes_per_s"]]
     return {"model": name, "params": model.num_parameters(), "steps": result.step,
             "train_seconds": result.train_seconds, "val_bpb": final["bpb"], "val_bytes_scored": final["n_bytes"],
@@ -87,7 +95,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 to race side by side")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--curves", type=Path, default=Path("results/quality_curves.json"))
+    parser.add_argument("--save", type=Path, metavar="DIR", help="save each trained model to DIR/<model>")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="draw these curve files (of earlier races) as one --curves file and PNG, and exit")
     args = parser.parse_args()
+    if args.merge:
+        merged = [r for path in args.merge for r in json.loads(path.read_text())]
+        refs = compressor_bpb(Corpus.from_bytes(load_shakespeare(), window_bytes=1024, val_fraction=0.1).val
+                              .to_numpy().tobytes())
+        args.curves.write_text(json.dumps(merged, indent=1))
+        plot(merged, {"gzip -9": refs["gzip-9"], "xz -9e": refs["xz-9e"]}, args.curves.with_suffix(".png"))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     per_model: dict[str, list[str]] = {}
