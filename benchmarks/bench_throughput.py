@@ -1,4 +1,8 @@
-"""Training throughput (bytes/s and bits/s) of the flat and patched bit models and the byte baseline."""
+"""Training throughput (bytes/s and bits/s) of the flat and patched bit models and the byte baseline.
+
+--recipe applies a named recipe (bitlm/recipes.py): its model options and its optimizer (Muon's
+orthogonalisation is part of the step's cost).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from bitlm.config import ModelConfig, TrainConfig
+from bitlm.config import ExperimentConfig, TrainConfig, apply_overrides
 from bitlm.data import Corpus
 from bitlm.engine import build_optimizer
 from bitlm.model import BitTransformerLM
 from bitlm.objective import batch_loss
+from bitlm.recipes import RECIPES, recipe_overrides
 
 from common import CONTENDERS, contender_config, emit, load_shakespeare
 
@@ -39,19 +44,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--models", default=",".join(CONTENDERS))
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="original")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024)
-    cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes)
     rates = {}
     for name in args.models.split(","):
-        model_cfg = contender_config(name, args.preset, args.context_bytes)
+        exp = apply_overrides(ExperimentConfig(model=contender_config(name, args.preset, args.context_bytes),
+                                               train=TrainConfig(batch_size=args.batch_size,
+                                                                 context_bytes=args.context_bytes)),
+                              list(recipe_overrides(args.recipe)))
+        model_cfg, cfg = exp.model, exp.train
         torch.manual_seed(0)
         model = BitTransformerLM(model_cfg).train()
         seconds = steady_state_rate(model, corpus, cfg, args.steps, args.warmup)
         bytes_per_s = args.batch_size * args.context_bytes / seconds
         rates[name] = bytes_per_s
-        emit({"bench": "train_throughput", "model": name, "preset": args.preset,
+        emit({"bench": "train_throughput", "model": name, "preset": args.preset, "recipe": args.recipe,
               "params": model.num_parameters(), "batch_size": args.batch_size, "context_bytes": args.context_bytes,
               "positions_per_step": args.batch_size * args.context_bytes * model_cfg.positions_per_byte,
               "bytes_per_s": bytes_per_s, "bits_per_s": bytes_per_s * model_cfg.bits_per_byte,
