@@ -57,7 +57,14 @@ def diffusion_search(ray_local, corpus_dir, tracking, tmp_path_factory):
     return outcome, lines
 
 
+SHAKESPEARE = Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"
+
+
 def test_a_diffusion_search_runs_four_trials_and_asha_stops_one_early(diffusion_search):
+    if not SHAKESPEARE.is_file():
+        # on the stand-in's 5 kB of repeated pangrams the diffusion trials' first ELBOs are too close
+        # for the rung to single out the lr-1e-6 trials (a clean clone without ../shared: one 3e-3 stopped)
+        pytest.skip(f"tinyshakespeare not found at {SHAKESPEARE} (the shared/ folder beside the repo root)")
     outcome, _ = diffusion_search
     assert len(outcome.rows) == 4 and not outcome.interrupted
     assert all(r["status"] in ("finished", "stopped early") for r in outcome.rows), outcome.rows
