@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 
 from bitlm.checkpoint import save_pretrained
-from bitlm.config import DiffusionConfig, ExperimentConfig, TrainConfig, apply_overrides
+from bitlm.config import DiffusionConfig, ExperimentConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.diffusion import NOISE_SCHEDULES, diffusion_sample, evaluate_elbo
 from bitlm.engine import fit
 from bitlm.model import BitTransformerLM
-from bitlm.recipes import RECIPES, recipe_overrides
+from bitlm.recipes import RECIPES
 
-from common import contender_config, emit, load_shakespeare
+from common import contender_config, emit, load_shakespeare, with_recipe
 
 PRINTABLE = set(range(32, 127)) | {10}
 
@@ -63,9 +63,8 @@ def main() -> None:
     train = TrainConfig(batch_size=16, context_bytes=args.context_bytes, lr=3e-3, max_steps=10_000_000,
                         max_seconds=args.minutes * 60, warmup_steps=100, eval_every=500, eval_batches=10,
                         log_every=100, seed=0)
-    exp = apply_overrides(ExperimentConfig(model=cfg, train=train,
-                                           diffusion=DiffusionConfig(noise_schedule=args.noise_schedule)),
-                          list(recipe_overrides(args.recipe)))
+    exp = with_recipe(ExperimentConfig(model=cfg, train=train, diffusion=DiffusionConfig(noise_schedule=args.noise_schedule)),
+                      args.recipe)
     cfg = exp.model
     torch.manual_seed(0)
     model = BitTransformerLM(cfg)

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from bitlm.config import ExperimentConfig, apply_overrides
 from bitlm.model import BitTransformerLM
-from bitlm.recipes import RECIPES, recipe_overrides
+from bitlm.recipes import RECIPES
 from bitlm.sampling import generate, resolve_sampling_unit
 
-from common import CONTENDERS, contender_config, emit
+from common import CONTENDERS, contender_config, emit, recipe_model
 
 
 def main() -> None:
@@ -31,15 +30,13 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="original")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    model_sets = [o for o in recipe_overrides(args.recipe) if o.startswith("model.")]
     prompt = ("To be, or not to be, that is the question: " * 8)[: args.prompt_bytes]
     for contender in args.models.split(","):
         name, _, unit = contender.partition(":")
         if name not in CONTENDERS:
             parser.error(f"--models: unknown model {name!r} (one of {', '.join(CONTENDERS)})")
         unit = unit or None
-        cfg = apply_overrides(ExperimentConfig(model=contender_config(name, args.preset, args.prompt_bytes + args.new_bytes)),
-                              model_sets).model
+        cfg = recipe_model(contender_config(name, args.preset, args.prompt_bytes + args.new_bytes), args.recipe)
         torch.manual_seed(0)
         model = BitTransformerLM(cfg).eval()
         generate(model, prompt, 4, seed=0, sampling_unit=unit)  # warm-up

@@ -20,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from bitlm.config import ExperimentConfig, TrainConfig, apply_overrides
+from bitlm.config import ExperimentConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.engine import autocast_factory, build_optimizer, fit
 from bitlm.model import BitTransformerLM
 from bitlm.objective import batch_loss, evaluate_bpb
 from bitlm.parallel import FSDPStrategy, parallelize
-from bitlm.recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
+from bitlm.recipes import DEFAULT_RECIPE, RECIPES
 from bitlm.sampling import generate_ids, prompt_ids
 from bitlm.strategy import Strategy
 
-from common import SHAKESPEARE, contender_config, emit
+from common import SHAKESPEARE, contender_config, emit, recipe_model, with_recipe
 from gpu_flops import dense_bf16_peak, train_flops_per_row
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_suite.jsonl"
@@ -47,10 +47,6 @@ class Settings:
     context_bytes: int
     overrides: tuple[str, ...]
     recipe: str = DEFAULT_RECIPE
-
-    def assignments(self, strategy: str | None = None) -> list[str]:
-        """The recipe's dotted overrides (what `strategy` cannot run swapped out), then the --set ones."""
-        return list(recipe_overrides(self.recipe, strategy)) + list(self.overrides)
 
     @property
     def record(self) -> dict:
@@ -74,7 +70,7 @@ def experiment(s: Settings, kind: str, strategy: str | None = None, **train) -> 
     model = contender_config(kind, s.preset, s.context_bytes)
     train_cfg = TrainConfig(batch_size=s.batch_size, context_bytes=s.context_bytes,
                             precision="fp32" if s.smoke else "bf16", **train)
-    return apply_overrides(ExperimentConfig(model=model, train=train_cfg), s.assignments(strategy))
+    return with_recipe(ExperimentConfig(model=model, train=train_cfg), s.recipe, s.overrides, strategy)
 
 
 def load_corpus() -> Corpus:
@@ -209,8 +205,7 @@ def generation(s: Settings, args, out: Path) -> None:
     prompt = ("To be, or not to be, that is the question: " * 8)[: args.prompt_bytes].encode()
     new_bytes = 4 if s.smoke else args.new_bytes
     for kind in args.models.split(","):
-        cfg = apply_overrides(ExperimentConfig(model=contender_config(kind, s.preset, args.prompt_bytes + new_bytes)),
-                              [o for o in s.assignments() if o.startswith("model.")]).model
+        cfg = recipe_model(contender_config(kind, s.preset, args.prompt_bytes + new_bytes), s.recipe, s.overrides)
         torch.manual_seed(0)
         model = BitTransformerLM(cfg).to(s.device).eval()
         for batch in (1, 4 if s.smoke else 64):

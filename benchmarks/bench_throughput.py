@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from bitlm.config import ExperimentConfig, TrainConfig, apply_overrides
+from bitlm.config import ExperimentConfig, TrainConfig
 from bitlm.data import Corpus
 from bitlm.engine import build_optimizer
 from bitlm.model import BitTransformerLM
 from bitlm.objective import batch_loss
-from bitlm.recipes import RECIPES, recipe_overrides
+from bitlm.recipes import RECIPES
 
-from common import CONTENDERS, contender_config, emit, load_shakespeare
+from common import CONTENDERS, contender_config, emit, load_shakespeare, with_recipe
 
 
 def steady_state_rate(model, corpus, cfg: TrainConfig, steps: int, warmup: int) -> float:
@@ -50,10 +50,9 @@ def main() -> None:
     corpus = Corpus.from_bytes(load_shakespeare(), window_bytes=1024)
     rates = {}
     for name in args.models.split(","):
-        exp = apply_overrides(ExperimentConfig(model=contender_config(name, args.preset, args.context_bytes),
-                                               train=TrainConfig(batch_size=args.batch_size,
-                                                                 context_bytes=args.context_bytes)),
-                              list(recipe_overrides(args.recipe)))
+        exp = with_recipe(ExperimentConfig(model=contender_config(name, args.preset, args.context_bytes),
+                                           train=TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes)),
+                          args.recipe)
         model_cfg, cfg = exp.model, exp.train
         torch.manual_seed(0)
         model = BitTransformerLM(model_cfg).train()

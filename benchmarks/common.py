@@ -50,6 +50,23 @@ def contender_config(name: str, preset: str, context_bytes: int, **overrides):
     return ModelConfig.from_name(preset, kind=name, **overrides, max_positions=context_bytes * probe.positions_per_byte)
 
 
+def with_recipe(exp, recipe: str, extra: list[str] | tuple[str, ...] = (), strategy: str | None = None):
+    """`exp` (an ExperimentConfig) under a named recipe of bitlm/recipes.py, then the `extra` dotted overrides."""
+    from bitlm.config import apply_overrides
+    from bitlm.recipes import recipe_overrides
+
+    return apply_overrides(exp, list(recipe_overrides(recipe, strategy)) + list(extra))
+
+
+def recipe_model(cfg, recipe: str, extra: list[str] | tuple[str, ...] = ()):
+    """A ModelConfig under the model.* assignments of a recipe and of `extra` (what sampling benchmarks need)."""
+    from bitlm.config import ExperimentConfig, apply_overrides
+    from bitlm.recipes import recipe_overrides
+
+    model_sets = [o for o in list(recipe_overrides(recipe)) + list(extra) if o.startswith("model.")]
+    return apply_overrides(ExperimentConfig(model=cfg), model_sets).model
+
+
 def best_seconds(fn, repeats: int) -> float:
     """Fastest wall time of `repeats` calls of fn."""
     best = float("inf")

@@ -40,12 +40,3 @@ def recipe_overrides(name: str, strategy: str | None = None) -> tuple[str, ...]:
         out.append(f"{key}={fallback[key]}" if key in fallback else assignment)
     return tuple(out)
 
-
-def strategy_in(assignments: tuple[str, ...]) -> str | None:
-    """The last parallel.strategy=... among dotted assignments, if any."""
-    found = None
-    for assignment in assignments:
-        key, _, value = assignment.partition("=")
-        if key.strip() == "parallel.strategy":
-            found = value.strip()
-    return found

@@ -11,7 +11,7 @@ from typing import Optional
 import click
 
 from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, apply_overrides, from_dict
-from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides, strategy_in
+from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
@@ -28,10 +28,11 @@ def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: t
         if config_file:
             cfg = config_from_file(cls, config_file)
         else:
-            # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon), so read it from what follows
-            strategy = strategy_in(tuple(defaults) + tuple(sets))
-            cfg = apply_overrides(cls(model=ModelConfig.from_name(preset, kind=kind)),
-                                  recipe_overrides(recipe, strategy) + tuple(defaults))
+            base = cls(model=ModelConfig.from_name(preset, kind=kind))
+            # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon): read it from the config that
+            # the later assignments make, so old key names (run.strategy) count too
+            strategy = apply_overrides(base, tuple(defaults) + tuple(sets)).parallel.strategy
+            cfg = apply_overrides(base, recipe_overrides(recipe, strategy) + tuple(defaults))
         if minutes is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from bitlm.cli import main
 from bitlm.cli.options import build_experiment
 from bitlm.config import ExperimentConfig, ModelConfig, TrainConfig, apply_overrides, to_dict
-from bitlm.recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides, strategy_in
+from bitlm.recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
 
 
 def test_default_recipe_is_applied_on_top_of_the_preset():
@@ -45,9 +45,12 @@ def test_fsdp_strategy_swaps_muon_for_adamw():
     assert cfg.model == build_experiment("tiny", "patched", None, (), None, None).model
 
 
-def test_strategy_in_reads_the_last_assignment():
-    assert strategy_in(("train.lr=1e-3", "parallel.strategy=ddp", " parallel.strategy = fsdp ")) == "fsdp"
-    assert strategy_in(("train.lr=1e-3",)) is None
+def test_the_fallback_follows_the_last_strategy_assignment_and_old_key_names():
+    sets = ("train.lr=1e-3", "parallel.strategy=ddp", " parallel.strategy = fsdp ")
+    assert build_experiment("tiny", "patched", None, sets, None, None).train.optimizer == "adamw"
+    assert build_experiment("tiny", "patched", None, ("train.lr=1e-3",), None, None).train.optimizer == "muon"
+    # run.strategy is the old name of parallel.strategy (bitlm/renames.py)
+    assert build_experiment("tiny", "patched", None, ("run.strategy=fsdp",), None, None).train.optimizer == "adamw"
 
 
 def test_unknown_recipe_names_the_choices():
