@@ -4,12 +4,14 @@ Tune's own stop kills the trial actor, and its Train workers' placement group st
 until Train's cleaner notices (never, without the dashboard's state API), so the next trial waits
 for CPUs that nobody uses. Here the scheduler writes `<runs>/<trial>/tune_stop`; the reporter
 callback, which lives in the Train controller, sees it and aborts the run, which releases the
-workers. Two private Ray names are relied on: `TrainController.abort` (through the current actor
-handle) and `TuneReportCallback._training_actor_item_queue`, where the callback puts its results.
+workers. Three private Ray names are relied on: `TrainController.abort` (through the current actor
+handle), `TuneReportCallback._training_actor_item_queue`, where the callback puts its results, and
+ASHA's `_Bracket._rungs`, which `asha_rungs.json` keeps across Tuner.restore.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -19,6 +21,7 @@ from typing import Literal
 from .spaces import METRIC, Space, objective
 
 STOP_FILE = "tune_stop"  # written by the scheduler: the trial's Train run aborts itself
+RUNGS_FILE = "asha_rungs.json"  # the scheduler's memory across Tuner.restore
 # reported to Tune and logged to MLflow: the eval metrics, never Ray's bookkeeping (pid, hostname, ...)
 _SCORES = ("val/bpb", "val/elbo_bpb")
 Scheduler = Literal["asha", "fifo"]
@@ -87,14 +90,30 @@ class _GracefulStop:
 def make_scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction_factor: int, max_t: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+    (runs_dir / RUNGS_FILE).unlink(missing_ok=True)  # a new search: no rungs from an earlier one
+
     class GracefulASHA(_GracefulStop, ASHAScheduler):
+        """ASHA whose rungs survive Tuner.restore (Tune restores trials and the searcher, not the scheduler)."""
+
         def __init__(self):
             ASHAScheduler.__init__(self, time_attr="training_iteration", grace_period=grace_period,
                                    reduction_factor=reduction_factor, max_t=max_t)
             self._runs_dir, self._max_evals = runs_dir, max_t
 
         def on_trial_result(self, tune_controller, trial, result):
-            return self._graceful(trial, result, ASHAScheduler.on_trial_result(self, tune_controller, trial, result))
+            action = ASHAScheduler.on_trial_result(self, tune_controller, trial, result)
+            save_rungs(self._brackets, self._runs_dir / RUNGS_FILE)
+            return self._graceful(trial, result, action)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            ASHAScheduler.on_trial_complete(self, tune_controller, trial, result)
+            save_rungs(self._brackets, self._runs_dir / RUNGS_FILE)
+
+        def __setstate__(self, state):
+            # Tuner.restore unpickles the scheduler as it was when the search began: put back what the
+            # finished trials recorded, or a resumed search's first new trial always passes every rung
+            self.__dict__.update(state)
+            load_rungs(self._brackets, self._runs_dir / RUNGS_FILE)
 
     class GracefulFIFO(_GracefulStop, FIFOScheduler):
         def __init__(self):
@@ -105,3 +124,26 @@ def make_scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction
             return self._graceful(trial, result, "CONTINUE")
 
     return GracefulASHA() if kind == "asha" else GracefulFIFO()
+
+
+def save_rungs(brackets, path: Path) -> None:
+    """Each ASHA bracket's rungs (milestone, {trial id: signed score}) as JSON (Ray's private _Bracket._rungs)."""
+    data = [[[milestone, recorded] for milestone, recorded in bracket._rungs] for bracket in brackets]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
+def load_rungs(brackets, path: Path) -> None:
+    """Merge the saved rungs into fresh brackets of the same shape (nothing saved, or another shape: left as is)."""
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if len(saved) != len(brackets):
+        return
+    for bracket, rungs in zip(brackets, saved):
+        if [m for m, _ in rungs] != [m for m, _ in bracket._rungs]:
+            continue
+        for (_, recorded), (_, saved_recorded) in zip(bracket._rungs, rungs):
+            recorded.update(saved_recorded)
