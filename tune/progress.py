@@ -105,6 +105,10 @@ class SearchProgress(Callback):
         self.echo(f"{self._label(trial)} {status} after {n_evals} eval(s)"
                   + (f"; objective {last['objective']:.4f}" if "objective" in last else ""))
         self._record(trial.trial_id, status)
+        self._count_done()
+
+    def _count_done(self) -> None:
+        """A trial ended (finished, stopped or failed): the session ends after stop_after of them."""
         self._completed_here += 1
         if self.stop_after is not None and self._completed_here >= self.stop_after and not self.interrupted:
             self.interrupted = True
@@ -116,6 +120,7 @@ class SearchProgress(Callback):
         where = getattr(trial, "error_file", None) or getattr(trial, "path", "")
         self.echo(f"{self._label(trial)} failed; see {where}")
         self._record(trial.trial_id, "error")
+        self._count_done()  # the generator makes no more trials than stop_after this session: never wait on one
 
     def _record(self, trial_id: str, status: str) -> None:
         directory = self.exp_dir / "runs" / trial_id

@@ -20,7 +20,7 @@ from bitlm.config import apply_overrides, flatten, from_dict, to_dict
 from pipelines.train import PipelineConfig
 
 from .spaces import METRIC, Space, assignment_strings, space_from_dict, to_tune, trial_assignments, validate
-from .stopping import STOP_FILE, Scheduler, make_reporter, make_scheduler
+from .stopping import STOP_FILE, Scheduler, make_reporter, make_scheduler, make_search_alg
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's nesting tag (mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID)
 TRIAL_TAG = "bitlm.tune.trial_id"
@@ -241,7 +241,6 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
     """
     import ray
     from ray import tune
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from bitlm.cli.console import is_verbose
     from pipelines.tracking import tracking_uri
@@ -288,8 +287,7 @@ def run_search(search: SearchConfig, *, resume: bool = False, echo: Callable[[st
             # max_concurrent_trials would be ignored with a search_alg: the generator takes the limit
             tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=search.num_samples,
                                         scheduler=scheduler, reuse_actors=True,
-                                        search_alg=BasicVariantGenerator(random_state=search.seed,
-                                                                         max_concurrent=k)),
+                                        search_alg=make_search_alg(search.seed, k, search.stop_after)),
             run_config=tune.RunConfig(name=exp_dir.name, storage_path=str(exp_dir.parent), callbacks=[progress],
                                       verbose=0))
     if not is_verbose():

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from .spaces import METRIC, Space, objective
 
@@ -124,6 +124,37 @@ def make_scheduler(kind: Scheduler, runs_dir: Path, grace_period: int, reduction
             return self._graceful(trial, result, "CONTINUE")
 
     return GracefulASHA() if kind == "asha" else GracefulFIFO()
+
+
+def make_search_alg(seed: int, max_concurrent: int, session_cap: Optional[int] = None):
+    """Tune's random/grid generator, creating at most `session_cap` trials in this session (--stop-after N).
+
+    Without the cap, the slot a finishing trial frees gets a new trial that the stop then interrupts
+    while it starts: Tune waits 10 s for it and its start-up is lost. The cap is dropped from the
+    pickled Tuner and from the searcher's saved state, so a restored session creates the rest.
+    """
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    class SessionCappedGenerator(BasicVariantGenerator):
+        def __init__(self):
+            BasicVariantGenerator.__init__(self, random_state=seed, max_concurrent=max_concurrent)
+            self._session_cap, self._created_here = session_cap, 0
+
+        def next_trial(self):
+            if self._session_cap is not None and self._created_here >= self._session_cap:
+                return None
+            trial = BasicVariantGenerator.next_trial(self)
+            self._created_here += trial is not None
+            return trial
+
+        def get_state(self):
+            state = BasicVariantGenerator.get_state(self)
+            return state and dict(state, _session_cap=None, _created_here=0)
+
+        def __getstate__(self):
+            return dict(self.__dict__, _session_cap=None, _created_here=0)
+
+    return SessionCappedGenerator()
 
 
 def save_rungs(brackets, path: Path) -> None:
