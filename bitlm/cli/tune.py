@@ -62,7 +62,7 @@ def tune_options(fn):
         click.option("--probes", "n_probes", type=click.IntRange(min=1), default=32, show_default=True,
                      help="telemetry: probe streams per set (held-out text, repetition loops, random bytes)."),
         click.option("--stop-after", type=click.IntRange(min=1), default=None,
-                     help="End this session after N trials complete (the rest: --resume later)."),
+                     help="Start at most N trials in this session and end when they are done (the rest: --resume later)."),
         click.option("--resume", is_flag=True,
                      help="Continue the search in --storage/--name with Tuner.restore (finished trials are kept)."),
         click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a new local Ray)."),
