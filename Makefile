@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 DEMO_MINUTES ?= 3
 
-.PHONY: install demo test bench clean image
+.PHONY: install bytecode demo test bench clean image
 
 install: $(STAMP)
 
@@ -21,14 +21,13 @@ $(STAMP): pyproject.toml
 
 # Bytecode for our own packages first: these machines export PYTHONDONTWRITEBYTECODE=1, so without it
 # every process the suite starts (each Ray worker, each CLI subprocess) recompiles them, ~0.6 s apiece.
-COMPILED := bitlm pipelines tune serve cluster benchmarks
+bytecode: $(STAMP)
+	$(PY) -m compileall -q bitlm pipelines tune serve cluster benchmarks > /dev/null
 
-test: $(STAMP)
-	$(PY) -m compileall -q $(COMPILED) > /dev/null
+test: bytecode
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
-	$(PY) -m compileall -q $(COMPILED) > /dev/null
+demo: bytecode
 	$(VENV)/bin/bitlm demo --out $(DEMO_DIR) --minutes $(DEMO_MINUTES)
 
 # The cluster image (Dockerfile): tagged with the pinned ray, which must equal the cluster's and the client's.
