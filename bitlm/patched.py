@@ -53,6 +53,8 @@ class _ResidualMLP(nn.Module):
         return x + self.net(x)
 
 
+_DENSE_PHASES = 8  # bit phases whose tree nodes the training readout scores with one matmul (255 nodes)
+_ENCODE_DISTINCT_FROM = 64  # byte positions in a call from which encode_bytes encodes distinct patterns once
 _NEIGHBOUR_KERNEL = 9  # bytes each side + 1 that the non-causal input convolution reads (best of 3, 5, 9)
 
 
@@ -87,6 +89,8 @@ class PatchedBody(nn.Module):
         self.register_buffer("prefix_weights", torch.where(k < j, 2.0 ** (j - 1 - k), 0.0), persistent=False)
         self.n_tree = n_tree
         self.register_buffer("phase_offsets", 3 * torch.arange(bpb), persistent=False)
+        # a byte's bit ids (0, 1, MASK) as one base-3 number: its key for encoding distinct patterns once
+        self.register_buffer("pattern_code", 3 ** torch.arange(bpb), persistent=False)
         # byte-at-once sampling: pattern v's bits (MSB first), and for each of its bpb path steps the
         # index into [logsigmoid(-s), logsigmoid(s)] (length 2 n_tree) that its bit takes there
         patterns = torch.arange(2 ** bpb)
@@ -103,7 +107,24 @@ class PatchedBody(nn.Module):
         return self.cfg.max_positions + 1  # + the BOS position
 
     def encode_bytes(self, bits: torch.Tensor) -> torch.Tensor:
-        """(B, L, bpb) bit ids -> (B, L, d) byte vectors."""
+        """(B, L, bpb) bit ids -> (B, L, d) byte vectors.
+
+        The encoder is a function of the byte's pattern alone, and a batch of text holds far fewer
+        distinct patterns than positions (tinyshakespeare: ~50 in 16 x 64 bytes), so a large batch
+        encodes each distinct pattern once and gathers: the same vectors, ~9x less encoder time in
+        training (the gather's backward sums each pattern's gradient before the MLP's backward).
+        """
+        n_rows = bits.shape[0] * bits.shape[1]
+        if n_rows < _ENCODE_DISTINCT_FROM:
+            return self._encode_patterns(bits)
+        flat = bits.reshape(n_rows, self.bits_per_byte)
+        distinct, inverse = torch.unique((flat * self.pattern_code).sum(-1), return_inverse=True)
+        # any row of each pattern represents it (they are equal); scatter keeps one of them
+        first = torch.empty_like(distinct).scatter_(0, inverse, torch.arange(n_rows, device=bits.device))
+        encoded = self._encode_patterns(flat[first][None])[0]
+        return encoded[inverse].view(*bits.shape[:2], -1)
+
+    def _encode_patterns(self, bits: torch.Tensor) -> torch.Tensor:
         return self.byte_mlp(self.byte_bits(bits + self.phase_offsets).sum(dim=2))
 
     def encode_noncausal(self, bits: torch.Tensor) -> torch.Tensor:
@@ -119,13 +140,30 @@ class PatchedBody(nn.Module):
         `bits` (..., n_prefix) are the byte's bits before the first predicted phase (causal mode),
         or None (non-causal mode: no prefix).
         """
-        if bits is None:
-            nodes = (self.n_tree + phases).expand(*ctx.shape[:-1], -1)
-        else:
-            values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
-            nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
-        score = (self.node_vectors(nodes) @ ctx.unsqueeze(-1)).squeeze(-1) + self.node_bias(nodes).squeeze(-1)
+        if bits is None:  # one node per phase, the same for every byte: a (hidden, n_phases) matmul
+            nodes = self.n_tree + phases
+            score = torch.nn.functional.linear(ctx, self.node_vectors(nodes), self.node_bias(nodes)[:, 0])
+            return torch.stack([torch.zeros_like(score), score], dim=-1)
+        values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
+        nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
+        if phases.shape[0] == self.bits_per_byte:
+            # every phase of every byte (training, scoring): one matmul scores all nodes of the first
+            # phases and a gather picks each byte's path (~1.5x faster on CPU than a batched dot
+            # product with gathered (..., bpb, hidden) node vectors, whose backward scatters that
+            # many rows); the parity phase's 256 nodes, half the tree, are read one per byte
+            dense = min(self.bits_per_byte, _DENSE_PHASES)
+            n_dense = 2 ** dense - 1
+            score = torch.nn.functional.linear(ctx, self.node_vectors.weight[:n_dense],
+                                               self.node_bias.weight[:n_dense, 0]).gather(-1, nodes[..., :dense])
+            if dense < self.bits_per_byte:
+                score = torch.cat([score, self._node_scores(ctx, nodes[..., dense:])], dim=-1)
+        else:  # bit-by-bit decoding: one node per row
+            score = self._node_scores(ctx, nodes)
         return torch.stack([torch.zeros_like(score), score], dim=-1)
+
+    def _node_scores(self, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """<N[node], z> + b[node] for (..., k) nodes of each byte and its (..., hidden) features z."""
+        return (self.node_vectors(nodes) * ctx.unsqueeze(-2)).sum(-1) + self.node_bias(nodes)[..., 0]
 
     def _global(self, byte_vectors: torch.Tensor, *, causal: bool, cache: Optional[KVCache],
                 return_weights: bool) -> tuple[torch.Tensor, StackOutput]:

@@ -151,3 +151,34 @@ def test_presets_size_the_context_in_bytes_for_every_architecture():
         assert ModelConfig.from_name(name).max_input_ids == 9 * n_bytes
         assert ModelConfig.from_name(name, arch="patched").max_input_ids == 9 * n_bytes
         assert ModelConfig.from_name(name, representation="byte").max_input_ids == n_bytes
+
+
+def test_encoding_each_distinct_byte_once_gives_the_same_vectors_and_gradients():
+    # 4 x 40 positions is above the size from which encode_bytes encodes distinct patterns once;
+    # ids 0, 1 and MASK, and few distinct bytes, as in text
+    body = make().body
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 3, (6, 9), generator=g)[torch.randint(0, 6, (4, 40), generator=g)]
+    per_position = body._encode_patterns(bits)
+    grads = torch.autograd.grad(per_position.square().sum(), list(body.byte_mlp.parameters()))
+    once = body.encode_bytes(bits)
+    torch.testing.assert_close(once, per_position)
+    for a, b in zip(torch.autograd.grad(once.square().sum(), list(body.byte_mlp.parameters())), grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("parity", [True, False])
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_the_all_phase_readout_equals_reading_each_phase_alone(parity, with_prefix):
+    # the training readout scores nodes with one matmul (and the parity phase apart); bit-by-bit
+    # decoding reads one node at a time: the two must give the same logit for every bit
+    body = make(parity=parity).body
+    bpb = body.bits_per_byte
+    g = torch.Generator().manual_seed(4)
+    ctx = torch.randn(3, 7, body.node_vectors.embedding_dim, generator=g)
+    bits = torch.randint(0, 2, (3, 7, bpb), generator=g)
+    prefix = bits[..., :-1] if with_prefix else None
+    together = body._local_logits(ctx, prefix, torch.arange(bpb))
+    alone = [body._local_logits(ctx, None if prefix is None else prefix[..., :j], torch.tensor([j]))
+             for j in range(bpb)]
+    torch.testing.assert_close(together, torch.cat(alone, dim=-2))
