@@ -28,7 +28,7 @@ Preset = Literal["tiny", "small", "base"]  # the keys of MODEL_PRESETS
 # accelerator today (the base preset: d_model 512, 8 layers, at most 4608 positions).
 MODEL_BOUNDS: dict[str, tuple[int, int]] = {
     "d_model": (1, 65_536), "n_heads": (1, 1024), "n_layers": (1, 1024), "d_ff": (1, 1_048_576),
-    "max_positions": (1, 2 ** 24), "local_d_ff": (1, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
+    "max_positions": (1, 2 ** 24), "local_d_ff": (0, 1_048_576), "n_local_layers": (0, 1024), "n_streams": (1, 1024),
 }
 MAX_BATCH_SIZE = 1_000_000
 MAX_INPUT_CONV = 64  # model.input_conv: a local mix of recent inputs, not a second long-range path
@@ -58,8 +58,12 @@ class ModelConfig:
     act: bool = False  # adaptive computation time halting over layers
     act_threshold: float = 0.99
     # arch="patched": the local decoder that predicts each byte's bits from the byte-rate global state
-    local_d_ff: int = 128  # width of the per-byte features z that every bit's tree node reads
+    # width of the per-byte features z that every bit's tree node reads, z = A norm(h); 0: no A, the
+    # nodes read norm(h) itself (d_model wide), one linear map from the state to the logits as in the byte head
+    local_d_ff: int = 128
     n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
+    tree_shared_bits: bool = False  # each tree node's vector also sums vectors per (phase, earlier bit, its value)
+    byte_table: bool = False  # the byte encoder adds a learned vector per whole bit pattern (0 for masked bytes)
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
     # recipes of recent small models (nanoGPT, modded-nanogpt); the defaults are the original design
     norm: Literal["layer", "rms"] = "layer"  # every norm of the model: LayerNorm or RMSNorm

@@ -155,7 +155,12 @@ def _zero_init(body: nn.Module, cfg: ModelConfig) -> None:
     if cfg.zero_init_head:
         # patched: the projection A that starts to_local; z = A h is then 0 (the residual MLPs after it
         # map 0 to 0 while their biases are 0), so every tree node's logit starts at its bias
-        nn.init.zeros_((body.to_local[0] if cfg.arch == "patched" else body.head).weight)
+        if cfg.arch != "patched":
+            nn.init.zeros_(body.head.weight)
+        elif cfg.local_d_ff:
+            nn.init.zeros_(body.to_local[0].weight)
+        else:  # no projection: the tree's node vectors are the head
+            nn.init.zeros_(body.node_vectors.weight)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -58,6 +58,25 @@ _ENCODE_DISTINCT_FROM = 64  # byte positions in a call from which encode_bytes e
 _NEIGHBOUR_KERNEL = 9  # bytes each side + 1 that the non-causal input convolution reads (best of 3, 5, 9)
 
 
+def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """<N[node], z> + b[node] for (..., k) nodes of each byte and its (..., hidden) features z."""
+    return (vectors[nodes] * ctx.unsqueeze(-2)).sum(-1) + bias[nodes]
+
+
+def _shared_membership(bpb: int) -> torch.Tensor:
+    """(2^bpb - 1 + bpb, 2 bpb^2) 0/1: row n marks the shared terms (j, m, bit m of p) of tree node n = (j, p).
+
+    The last bpb rows (the per-phase nodes of non-causal mode, which have no prefix) are zero.
+    """
+    membership = torch.zeros(2 ** bpb - 1 + bpb, 2 * bpb * bpb)
+    for j in range(bpb):
+        for p in range(2 ** j):
+            for m in range(j):
+                bit = (p >> (j - 1 - m)) & 1  # prefix bits MSB first
+                membership[2 ** j - 1 + p, 2 * (j * bpb + m) + bit] = 1.0
+    return membership
+
+
 class PatchedBody(nn.Module):
     n_inputs = 3  # 0, 1, MASK
     n_outputs = 2
@@ -70,20 +89,35 @@ class PatchedBody(nn.Module):
         # id of (phase j, value v) = 3 j + v: one table serves the encoder, another the local prefix
         self.byte_bits = nn.Embedding(3 * bpb, d)
         self.byte_mlp = _ResidualMLP(d, 2 * d, cfg.norm)
+        # model.byte_table: one vector per whole pattern on top of the bit features, zero at the start
+        # (a byte with a masked bit has no pattern and adds none)
+        self.byte_table = nn.Parameter(torch.zeros(2 ** bpb, d)) if cfg.byte_table else None
+        self.register_buffer("pattern_weights", 2 ** torch.arange(bpb - 1, -1, -1), persistent=False)
         self.bos = nn.Parameter(torch.zeros(d))
         # byte positions, BOS at 0; rotary codes the same positions inside attention, adding no table
         table = sinusoidal_table(cfg.max_positions + 1, d) if cfg.position_encoding == "sinusoidal" else None
         self.register_buffer("positions", table, persistent=False)
         self.stack = BlockStack(cfg)
         self.norm = make_norm(cfg.norm, d)
-        hidden = cfg.local_d_ff
-        # linear like the byte model's head: node scores are then bilinear in the global state
-        self.to_local = nn.Sequential(nn.Linear(d, hidden),
+        hidden = cfg.local_d_ff or d
+        # linear like the byte model's head: node scores are then bilinear in the global state;
+        # local_d_ff=0 drops the projection (an empty Sequential without residual MLPs is the identity)
+        projection = [nn.Linear(d, hidden)] if cfg.local_d_ff else []
+        self.to_local = nn.Sequential(*projection,
                                       *(_ResidualMLP(hidden, 2 * hidden, cfg.norm) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
         self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
         self.node_bias = nn.Embedding(n_tree + bpb, 1)
         self.register_buffer("tree_base", 2 ** torch.arange(bpb) - 1, persistent=False)
+        if cfg.tree_shared_bits:
+            # node (j, p) also reads sum_{m<j} S[j, m, bit m of p]: features shared by every byte whose
+            # bit m has that value (upper- and lower-case letters share all but the case bit's);
+            # zero at the start, so the tree starts as the plain one
+            self.shared_vectors = nn.Parameter(torch.zeros(bpb * bpb * 2, hidden))
+            self.shared_bias = nn.Parameter(torch.zeros(bpb * bpb * 2))
+            self.register_buffer("shared_membership", _shared_membership(bpb), persistent=False)
+        else:
+            self.shared_vectors = self.shared_bias = None
         # prefix value of bit j = sum_{k<j} bit_k 2^(j-1-k): a (bpb-1, bpb) matrix, MSB first
         k, j = torch.arange(bpb - 1)[:, None], torch.arange(bpb)[None, :]
         self.register_buffer("prefix_weights", torch.where(k < j, 2.0 ** (j - 1 - k), 0.0), persistent=False)
@@ -125,7 +159,12 @@ class PatchedBody(nn.Module):
         return encoded[inverse].view(*bits.shape[:2], -1)
 
     def _encode_patterns(self, bits: torch.Tensor) -> torch.Tensor:
-        return self.byte_mlp(self.byte_bits(bits + self.phase_offsets).sum(dim=2))
+        encoded = self.byte_mlp(self.byte_bits(bits + self.phase_offsets).sum(dim=2))
+        if self.byte_table is None:
+            return encoded
+        clean = (bits <= 1).all(-1, keepdim=True)  # MASK is id 2
+        pattern = (bits.clamp(max=1) * self.pattern_weights).sum(-1)
+        return encoded + self.byte_table[pattern] * clean.to(encoded.dtype)
 
     def encode_noncausal(self, bits: torch.Tensor) -> torch.Tensor:
         """(B, L, bpb) partly masked bit ids -> (B, L, d) byte vectors mixed with their neighbours'."""
@@ -134,15 +173,25 @@ class PatchedBody(nn.Module):
         encoded = self.encode_bytes(bits)
         return encoded + self.neighbour_mix(encoded.transpose(1, 2)).transpose(1, 2)
 
-    def _local_logits(self, ctx: torch.Tensor, bits: Optional[torch.Tensor], phases: torch.Tensor) -> torch.Tensor:
+    def node_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every node's vector (n_nodes, hidden) and bias (n_nodes,), the shared per-bit terms added."""
+        vectors, bias = self.node_vectors.weight, self.node_bias.weight[:, 0]
+        if self.shared_vectors is None:
+            return vectors, bias
+        membership = self.shared_membership.to(vectors.dtype)
+        return vectors + membership @ self.shared_vectors, bias + membership @ self.shared_bias
+
+    def _local_logits(self, ctx: torch.Tensor, bits: Optional[torch.Tensor], phases: torch.Tensor,
+                      table: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Bit logits (..., n_phases, 2) from per-byte features z (..., hidden) and the byte's bits.
 
         `bits` (..., n_prefix) are the byte's bits before the first predicted phase (causal mode),
-        or None (non-causal mode: no prefix).
+        or None (non-causal mode: no prefix). `table` is node_table(), when the caller keeps it.
         """
+        vectors, bias = self.node_table() if table is None else table
         if bits is None:  # one node per phase, the same for every byte: a (hidden, n_phases) matmul
             nodes = self.n_tree + phases
-            score = torch.nn.functional.linear(ctx, self.node_vectors(nodes), self.node_bias(nodes)[:, 0])
+            score = torch.nn.functional.linear(ctx, vectors[nodes], bias[nodes])
             return torch.stack([torch.zeros_like(score), score], dim=-1)
         values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
         nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
@@ -153,17 +202,12 @@ class PatchedBody(nn.Module):
             # many rows); the parity phase's 256 nodes, half the tree, are read one per byte
             dense = min(self.bits_per_byte, _DENSE_PHASES)
             n_dense = 2 ** dense - 1
-            score = torch.nn.functional.linear(ctx, self.node_vectors.weight[:n_dense],
-                                               self.node_bias.weight[:n_dense, 0]).gather(-1, nodes[..., :dense])
+            score = torch.nn.functional.linear(ctx, vectors[:n_dense], bias[:n_dense]).gather(-1, nodes[..., :dense])
             if dense < self.bits_per_byte:
-                score = torch.cat([score, self._node_scores(ctx, nodes[..., dense:])], dim=-1)
+                score = torch.cat([score, _node_scores(vectors, bias, ctx, nodes[..., dense:])], dim=-1)
         else:  # bit-by-bit decoding: one node per row
-            score = self._node_scores(ctx, nodes)
+            score = _node_scores(vectors, bias, ctx, nodes)
         return torch.stack([torch.zeros_like(score), score], dim=-1)
-
-    def _node_scores(self, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """<N[node], z> + b[node] for (..., k) nodes of each byte and its (..., hidden) features z."""
-        return (self.node_vectors(nodes) * ctx.unsqueeze(-2)).sum(-1) + self.node_bias(nodes)[..., 0]
 
     def _global(self, byte_vectors: torch.Tensor, *, causal: bool, cache: Optional[KVCache],
                 return_weights: bool) -> tuple[torch.Tensor, StackOutput]:
@@ -276,8 +320,8 @@ class PatchedBody(nn.Module):
             raise ValueError("byte-at-once decoding needs a state on a byte boundary "
                              f"({state.extra['prefix'].shape[1]} bits of the next byte are already given)")
         n = self.n_tree
-        scores = torch.addmm(self.node_bias.weight[:n, 0].float(), state.extra["ctx"].float(),
-                             self.node_vectors.weight[:n].float().T)  # (B, n_tree)
+        vectors, bias = self._decoding_table(state)
+        scores = torch.addmm(bias[:n].float(), state.extra["ctx"].float(), vectors[:n].float().T)  # (B, n_tree)
         log_one = torch.nn.functional.logsigmoid(scores)
         branch = torch.cat([log_one - scores, log_one], dim=-1)  # logsigmoid(-s) = logsigmoid(s) - s
         # a gather, not a (2 n_tree, 2^bpb) matmul: each path has only bpb nodes (~7x faster at bpb = 9)
@@ -303,7 +347,13 @@ class PatchedBody(nn.Module):
     def _next_bit_logits(self, state: DecodeState) -> torch.Tensor:
         prefix = state.extra["prefix"]
         phase = torch.tensor([prefix.shape[1]], device=prefix.device)
-        return self._local_logits(state.extra["ctx"], prefix, phase)[:, 0]
+        return self._local_logits(state.extra["ctx"], prefix, phase, self._decoding_table(state))[:, 0]
+
+    def _decoding_table(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
+        """node_table(), computed once per decoding state (the weights stay fixed while decoding)."""
+        if "node_table" not in state.extra:
+            state.extra = {**state.extra, "node_table": self.node_table()}
+        return state.extra["node_table"]
 
     def sample_bytes(self, x: torch.Tensor, *, temperature: float, generator: torch.Generator) -> torch.Tensor:
         """Draw every byte of (B, T) masked bits from the non-causal model, bit by bit down its tree.

@@ -46,10 +46,10 @@ def prune_to_stage(model: nn.Module, layers: range, *, is_first: bool, is_last: 
             blocks[i] = None
     patched = model.config.arch == "patched"
     if not is_first:
-        for name in ("byte_bits", "byte_mlp", "bos", "input_conv") if patched else ("embed", "phase", "input_conv"):
+        for name in ("byte_bits", "byte_mlp", "byte_table", "bos", "input_conv") if patched else ("embed", "phase", "input_conv"):
             setattr(body, name, None)
     if not is_last:
-        for name in ("norm", "to_local", "node_vectors", "node_bias") if patched else ("norm", "head"):
+        for name in ("norm", "to_local", "node_vectors", "node_bias", "shared_vectors", "shared_bias") if patched else ("norm", "head"):
             setattr(body, name, None)
 
 

@@ -1,0 +1,158 @@
+"""The patched model's encoder and local-decoder options: model.tree_shared_bits (tree nodes that
+share per-(phase, earlier bit) vectors across bytes), model.local_d_ff=0 (the nodes read the global
+state) and model.byte_table (a learned vector per whole byte pattern in the encoder)."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from bitlm.checkpoint import from_pretrained, save_pretrained
+from bitlm.config import ModelConfig, TrainConfig
+from bitlm.model import BitTransformerLM
+from bitlm.objective import batch_loss
+from bitlm.optim import build_optimizer
+from bitlm.pipelining import prune_to_stage
+
+CFG = ModelConfig.from_name("tiny", kind="patched", max_positions=16, tree_shared_bits=True)
+OPTIONS = {"shared": {}, "no_projection": {"tree_shared_bits": False, "local_d_ff": 0},
+           "table": {"tree_shared_bits": False, "byte_table": True},
+           "all": {"local_d_ff": 0, "byte_table": True}, "no_projection_local_mlp": {"local_d_ff": 0, "n_local_layers": 1}}
+
+
+def make(seed=0, trained=True, **changes) -> BitTransformerLM:
+    """A shared-bits patched model; trained=True moves every weight (the shared ones start at 0) off its init."""
+    torch.manual_seed(seed)
+    model = BitTransformerLM(dataclasses.replace(CFG, **changes)).eval()
+    if trained:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def random_bits(n_bytes=10, batch=2, seed=1, bpb=9):
+    return torch.randint(0, 2, (batch, n_bytes * bpb), generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_nodes_vector_adds_the_shared_vector_of_each_earlier_bit_of_its_prefix():
+    body = make().body
+    vectors, bias = body.node_table()
+    shared = body.shared_vectors.view(9, 9, 2, -1)  # (phase j, earlier phase m, value of bit m)
+    shared_bias = body.shared_bias.view(9, 9, 2)
+    for j, p in [(0, 0), (3, 0b101), (8, 0b10110011)]:
+        node = 2 ** j - 1 + p
+        bits = [(p >> (j - 1 - m)) & 1 for m in range(j)]  # MSB first
+        expected = body.node_vectors.weight[node] + sum((shared[j, m, b] for m, b in enumerate(bits)),
+                                                        torch.zeros_like(vectors[0]))
+        torch.testing.assert_close(vectors[node], expected)
+        torch.testing.assert_close(bias[node], body.node_bias.weight[node, 0]
+                                   + sum((shared_bias[j, m, b] for m, b in enumerate(bits)), torch.tensor(0.0)))
+    # the per-phase nodes of non-causal mode have no prefix, so nothing is shared
+    torch.testing.assert_close(vectors[511:], body.node_vectors.weight[511:])
+
+
+def test_an_untrained_model_is_the_plain_tree_and_encoder():
+    x = random_bits()
+    shared, plain = make(trained=False, byte_table=True), make(trained=False, tree_shared_bits=False)
+    torch.testing.assert_close(shared(x, causal=True)[0], plain(x, causal=True)[0])
+
+
+def test_the_byte_table_adds_one_vector_per_whole_pattern_and_none_to_masked_bytes():
+    body = make(byte_table=True).body
+    bits = torch.tensor([[[0, 1, 1, 0, 0, 0, 0, 1, 1], [0, 1, 1, 0, 0, 0, 0, 1, 1], [0, 1, 2, 0, 0, 0, 0, 1, 1]]])
+    table_off = make(byte_table=True).body
+    with torch.no_grad():
+        table_off.byte_table.zero_()
+    encoded, plain = body.encode_bytes(bits), table_off.encode_bytes(bits)
+    torch.testing.assert_close(encoded[0, 0] - plain[0, 0], body.byte_table[0b011000011])
+    torch.testing.assert_close(encoded[0, 1], encoded[0, 0])
+    torch.testing.assert_close(encoded[0, 2], plain[0, 2])  # a masked bit: no pattern, no table vector
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_flipping_bit_t_never_changes_the_logits_of_bits_up_to_t(option):
+    model = make(**OPTIONS[option])
+    x = random_bits()
+    base = model(x, causal=True)[0]
+    for t in (0, 4, 8, 9, 40, 89):
+        flipped = x.clone()
+        flipped[:, t] ^= 1
+        torch.testing.assert_close(model(flipped, causal=True)[0][:, :t], base[:, :t])
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_bit_by_bit_and_byte_at_once_decoding_equal_the_full_forward(option):
+    model = make(**OPTIONS[option])
+    x = random_bits(n_bytes=12)
+    full, _ = model(x)
+    state, first = model.start_decoding(x[:, :22])  # a prompt ending inside a byte
+    pieces = [first]
+    for t in range(22, x.shape[1] - 1):
+        pieces.append(model.decode_next(state, x[:, t]))
+    torch.testing.assert_close(torch.stack(pieces, dim=1), full[:, 21:-1], atol=1e-5, rtol=1e-4)
+    # the joint of the byte after 3 whole bytes, read from the full forward's 9 conditionals
+    state, _ = model.start_decoding(x[:, :27])
+    joint = model.body.next_byte_log_probs(state)  # (2, 512), index = bits MSB first
+    byte = x[:, 27:36]
+    index = (byte * 2 ** torch.arange(8, -1, -1)).sum(-1)
+    expected = full[:, 26:35].float().log_softmax(-1).gather(-1, byte[..., None])[..., 0].sum(-1)
+    torch.testing.assert_close(joint.gather(1, index[:, None])[:, 0], expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_save_then_load_gives_identical_logits_and_old_configs_build_no_shared_tensors(option, tmp_path):
+    model = make(**OPTIONS[option])
+    x = random_bits()
+    save_pretrained(model, tmp_path / "m")
+    torch.testing.assert_close(from_pretrained(tmp_path / "m")(x, causal=True)[0], model(x, causal=True)[0])
+    plain = make(tree_shared_bits=False)
+    assert not any("shared" in name for name in plain.state_dict())
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_two_pipeline_stages_compute_the_full_models_logits(option):
+    model = make(**OPTIONS[option])
+    first, last = copy.deepcopy(model), copy.deepcopy(model)
+    prune_to_stage(first, range(0, 1), is_first=True, is_last=False)
+    prune_to_stage(last, range(1, 2), is_first=False, is_last=True)
+    x = random_bits()
+    hidden = first(x, causal=True, readout=False)[0]
+    logits = last.readout(last(hidden, causal=True, readout=False)[0], x)
+    torch.testing.assert_close(logits, model(x)[0], atol=1e-5, rtol=1e-4)
+    names = [n for stage in (first, last) for n, _ in stage.named_parameters()]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # the shared tensors live in the last
+
+
+def test_training_moves_the_shared_vectors_and_lowers_the_loss():
+    torch.manual_seed(0)
+    model = BitTransformerLM(CFG).train()
+    opt = build_optimizer(model, TrainConfig(lr=3e-3))
+    batch = torch.tensor([list(b"To be, or not to be: that is") [:16]] * 4, dtype=torch.uint8)
+    losses = []
+    for _ in range(30):
+        out = batch_loss(model, batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    assert model.body.shared_vectors.abs().sum() > 0
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_without_the_projection_the_nodes_read_the_normed_global_state():
+    model = make(local_d_ff=0)
+    body = model.body
+    assert len(body.to_local) == 0 and body.node_vectors.embedding_dim == model.config.d_model
+    x = random_bits()
+    features = body(x, causal=True, readout=False)[0]
+    hidden = body.stack(body.embed_bits(x, causal=True, offset=None), causal=True).hidden
+    torch.testing.assert_close(features, body.norm(hidden))
+
+
+def test_zero_init_head_without_the_projection_starts_every_node_at_its_bias():
+    model = make(trained=False, local_d_ff=0, zero_init_head=True)
+    assert not model.body.node_vectors.weight.any()
+    logits = model(random_bits(), causal=True)[0]
+    assert torch.equal(logits[..., 0], torch.zeros_like(logits[..., 0]))
