@@ -122,7 +122,8 @@ def main() -> None:
         r = race(name, corpus, args)
         results.append(r)
         emit({"bench": "quality_race", "minutes": args.minutes, "preset": args.preset,
-              "context_bytes": args.context_bytes, "batch_size": args.batch_size}
+              "context_bytes": args.context_bytes, "batch_size": args.batch_size,
+              "sets": args.set, "model_sets": args.set_model.get(name, [])}
              | {k: v for k, v in r.items() if k not in ("curve", "model_config", "train_config")}, args.out)
     args.curves.parent.mkdir(parents=True, exist_ok=True)
     args.curves.write_text(json.dumps(results, indent=1))

@@ -55,7 +55,7 @@ def with_recipe(exp, recipe: str, extra: list[str] | tuple[str, ...] = (), strat
     from bitlm.config import apply_overrides
     from bitlm.recipes import recipe_overrides
 
-    return apply_overrides(exp, list(recipe_overrides(recipe, strategy)) + list(extra))
+    return apply_overrides(exp, list(recipe_overrides(recipe, strategy, exp.model.arch)) + list(extra))
 
 
 def recipe_model(cfg, recipe: str, extra: list[str] | tuple[str, ...] = ()):
@@ -63,7 +63,7 @@ def recipe_model(cfg, recipe: str, extra: list[str] | tuple[str, ...] = ()):
     from bitlm.config import ExperimentConfig, apply_overrides
     from bitlm.recipes import recipe_overrides
 
-    model_sets = [o for o in list(recipe_overrides(recipe)) + list(extra) if o.startswith("model.")]
+    model_sets = [o for o in list(recipe_overrides(recipe, arch=cfg.arch)) + list(extra) if o.startswith("model.")]
     return apply_overrides(ExperimentConfig(model=cfg), model_sets).model
 
 

@@ -35,7 +35,8 @@ def train_flops_per_row(model: nn.Module, context_bytes: int) -> dict[str, float
     position, 2 forward and 4 backward. Attention's score and value matmuls add 12 n_layers d_model T
     per position (T positions in the row, the usual non-causal count, as in the PaLM paper's MFU).
     The patched model's local decoder scores every bit as a dot product of local_d_ff features with
-    a tree node's vector: 6 local_d_ff FLOPs per bit (d_model with local_d_ff=0; the training readout
+    a tree node's vector: 6 local_d_ff FLOPs per bit (d_model with local_d_ff=0; per pattern of the
+    byte with model.byte_softmax, whose tree is then logsumexps of that joint; the training readout
     scores all nodes of phases 0-7 at once, more arithmetic than the model needs, uncounted like
     recomputation). Embedding lookups and element-wise work are not
     counted; the reversible stack's recomputation is not either (MFU counts the model's FLOPs).
@@ -47,5 +48,7 @@ def train_flops_per_row(model: nn.Module, context_bytes: int) -> dict[str, float
              "attention": 12.0 * cfg.n_layers * cfg.d_model * n_positions * n_positions,
              "local_decoder": 0.0}
     if cfg.arch == "patched" and cfg.representation == "bit":
-        parts["local_decoder"] = 6.0 * (cfg.local_d_ff or cfg.d_model) * cfg.bits_per_byte * context_bytes
+        # model.byte_softmax scores every pattern of the byte (2^bpb of them) instead of bpb tree nodes
+        scored = 2 ** cfg.bits_per_byte if (cfg.byte_softmax and cfg.causal) else cfg.bits_per_byte
+        parts["local_decoder"] = 6.0 * (cfg.local_d_ff or cfg.d_model) * scored * context_bytes
     return parts

@@ -64,6 +64,9 @@ class ModelConfig:
     n_local_layers: int = 0  # residual MLPs computing z from the global state (run once per byte)
     tree_shared_bits: bool = False  # each tree node's vector also sums vectors per (phase, earlier bit, its value)
     byte_table: bool = False  # the byte encoder adds a learned vector per whole bit pattern (0 for masked bytes)
+    # causal models: the bits' conditionals are read from one softmax over the byte's 2^bpb patterns (a
+    # non-causal, diffusion model keeps the tree); tree_shared_bits then shares per-bit vectors across patterns
+    byte_softmax: bool = False
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
     # recipes of recent small models (nanoGPT, modded-nanogpt); the defaults are the original design
     norm: Literal["layer", "rms"] = "layer"  # every norm of the model: LayerNorm or RMSNorm

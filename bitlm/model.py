@@ -159,8 +159,8 @@ def _zero_init(body: nn.Module, cfg: ModelConfig) -> None:
             nn.init.zeros_(body.head.weight)
         elif cfg.local_d_ff:
             nn.init.zeros_(body.to_local[0].weight)
-        else:  # no projection: the tree's node vectors are the head
-            nn.init.zeros_(body.node_vectors.weight)
+        else:  # no projection: the tree's node (or pattern) vectors are the head
+            nn.init.zeros_((body.node_vectors if body.pattern_vectors is None else body.pattern_vectors).weight)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -63,6 +63,21 @@ def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, n
     return (vectors[nodes] * ctx.unsqueeze(-2)).sum(-1) + bias[nodes]
 
 
+def _tree_scores(pattern_logits: torch.Tensor) -> torch.Tensor:
+    """(..., 2^bpb) logits of a joint over bit patterns -> (..., 2^bpb - 1) node scores of its tree.
+
+    Node (j, p) at index 2^j - 1 + p scores bit j = 1 against 0 given prefix p: the log-mass of the
+    patterns that start p1 minus that of those that start p0, so the bits' conditionals multiply to
+    the joint exactly. Each level's masses are logaddexp of the pairs below it (pattern index MSB first).
+    """
+    scores, level = [], pattern_logits
+    while level.shape[-1] > 1:
+        pairs = level.unflatten(-1, (-1, 2))
+        scores.append(pairs[..., 1] - pairs[..., 0])
+        level = torch.logsumexp(pairs, dim=-1)
+    return torch.cat(scores[::-1], dim=-1)
+
+
 def _shared_membership(bpb: int) -> torch.Tensor:
     """(2^bpb - 1 + bpb, 2 bpb^2) 0/1: row n marks the shared terms (j, m, bit m of p) of tree node n = (j, p).
 
@@ -74,6 +89,14 @@ def _shared_membership(bpb: int) -> torch.Tensor:
             for m in range(j):
                 bit = (p >> (j - 1 - m)) & 1  # prefix bits MSB first
                 membership[2 ** j - 1 + p, 2 * (j * bpb + m) + bit] = 1.0
+    return membership
+
+
+def _pattern_membership(bpb: int) -> torch.Tensor:
+    """(2^bpb, 2 bpb) 0/1: row v marks the shared terms (m, bit m of v) of pattern v (model.byte_softmax)."""
+    bits = (torch.arange(2 ** bpb)[:, None] >> (bpb - 1 - torch.arange(bpb))) & 1  # MSB first
+    membership = torch.zeros(2 ** bpb, 2 * bpb)
+    membership.scatter_(1, 2 * torch.arange(bpb) + bits, 1.0)
     return membership
 
 
@@ -106,16 +129,24 @@ class PatchedBody(nn.Module):
         self.to_local = nn.Sequential(*projection,
                                       *(_ResidualMLP(hidden, 2 * hidden, cfg.norm) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
-        self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
-        self.node_bias = nn.Embedding(n_tree + bpb, 1)
+        if cfg.byte_softmax and cfg.causal:
+            # model.byte_softmax: one logit per whole pattern; the tree's node scores are read from that
+            # joint (_tree_scores), as the byte model's head scores its 256 bytes
+            self.pattern_vectors, self.pattern_bias = nn.Embedding(2 ** bpb, hidden), nn.Embedding(2 ** bpb, 1)
+            self.node_vectors = self.node_bias = None
+        else:
+            self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
+            self.node_bias = nn.Embedding(n_tree + bpb, 1)
+            self.pattern_vectors = self.pattern_bias = None
         self.register_buffer("tree_base", 2 ** torch.arange(bpb) - 1, persistent=False)
         if cfg.tree_shared_bits:
             # node (j, p) also reads sum_{m<j} S[j, m, bit m of p]: features shared by every byte whose
-            # bit m has that value (upper- and lower-case letters share all but the case bit's);
-            # zero at the start, so the tree starts as the plain one
-            self.shared_vectors = nn.Parameter(torch.zeros(bpb * bpb * 2, hidden))
-            self.shared_bias = nn.Parameter(torch.zeros(bpb * bpb * 2))
-            self.register_buffer("shared_membership", _shared_membership(bpb), persistent=False)
+            # bit m has that value (upper- and lower-case letters share all but the case bit's); with
+            # byte_softmax pattern v reads sum_m S[m, bit m of v]; zero at the start, so the plain model
+            membership = _shared_membership(bpb) if self.pattern_vectors is None else _pattern_membership(bpb)
+            self.shared_vectors = nn.Parameter(torch.zeros(membership.shape[1], hidden))
+            self.shared_bias = nn.Parameter(torch.zeros(membership.shape[1]))
+            self.register_buffer("shared_membership", membership, persistent=False)
         else:
             self.shared_vectors = self.shared_bias = None
         # prefix value of bit j = sum_{k<j} bit_k 2^(j-1-k): a (bpb-1, bpb) matrix, MSB first
@@ -174,8 +205,11 @@ class PatchedBody(nn.Module):
         return encoded + self.neighbour_mix(encoded.transpose(1, 2)).transpose(1, 2)
 
     def node_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every node's vector (n_nodes, hidden) and bias (n_nodes,), the shared per-bit terms added."""
-        vectors, bias = self.node_vectors.weight, self.node_bias.weight[:, 0]
+        """Every node's vector (n_nodes, hidden) and bias (n_nodes,), the shared per-bit terms added;
+        with model.byte_softmax every pattern's (2^bpb, hidden) and (2^bpb,) instead."""
+        table = (self.node_vectors, self.node_bias) if self.pattern_vectors is None else (self.pattern_vectors,
+                                                                                       self.pattern_bias)
+        vectors, bias = table[0].weight, table[1].weight[:, 0]
         if self.shared_vectors is None:
             return vectors, bias
         membership = self.shared_membership.to(vectors.dtype)
@@ -195,7 +229,9 @@ class PatchedBody(nn.Module):
             return torch.stack([torch.zeros_like(score), score], dim=-1)
         values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
         nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
-        if phases.shape[0] == self.bits_per_byte:
+        if self.pattern_vectors is not None:  # every node of the tree from the byte's joint, then its path
+            score = _tree_scores(torch.nn.functional.linear(ctx, vectors, bias)).gather(-1, nodes)
+        elif phases.shape[0] == self.bits_per_byte:
             # every phase of every byte (training, scoring): one matmul scores all nodes of the first
             # phases and a gather picks each byte's path (~1.5x faster on CPU than a batched dot
             # product with gathered (..., bpb, hidden) node vectors, whose backward scatters that
@@ -321,6 +357,8 @@ class PatchedBody(nn.Module):
                              f"({state.extra['prefix'].shape[1]} bits of the next byte are already given)")
         n = self.n_tree
         vectors, bias = self._decoding_table(state)
+        if self.pattern_vectors is not None:  # the joint itself
+            return torch.addmm(bias.float(), state.extra["ctx"].float(), vectors.float().T).log_softmax(-1)
         scores = torch.addmm(bias[:n].float(), state.extra["ctx"].float(), vectors[:n].float().T)  # (B, n_tree)
         log_one = torch.nn.functional.logsigmoid(scores)
         branch = torch.cat([log_one - scores, log_one], dim=-1)  # logsigmoid(-s) = logsigmoid(s) - s

@@ -37,6 +37,12 @@ def stage_layers(n_layers: int, world_size: int, rank: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
+# the patched body's modules before the stack (the first stage keeps them) and after it (the last stage)
+_PATCHED_INPUTS = ("byte_bits", "byte_mlp", "byte_table", "bos", "input_conv")
+_PATCHED_OUTPUTS = ("norm", "to_local", "node_vectors", "node_bias", "shared_vectors", "shared_bias",
+                    "pattern_vectors", "pattern_bias")
+
+
 def prune_to_stage(model: nn.Module, layers: range, *, is_first: bool, is_last: bool) -> None:
     """Set to None, in place, the modules of `model` another stage runs."""
     body = model.body
@@ -46,10 +52,10 @@ def prune_to_stage(model: nn.Module, layers: range, *, is_first: bool, is_last: 
             blocks[i] = None
     patched = model.config.arch == "patched"
     if not is_first:
-        for name in ("byte_bits", "byte_mlp", "byte_table", "bos", "input_conv") if patched else ("embed", "phase", "input_conv"):
+        for name in _PATCHED_INPUTS if patched else ("embed", "phase", "input_conv"):
             setattr(body, name, None)
     if not is_last:
-        for name in ("norm", "to_local", "node_vectors", "node_bias", "shared_vectors", "shared_bias") if patched else ("norm", "head"):
+        for name in _PATCHED_OUTPUTS if patched else ("norm", "head"):
             setattr(body, name, None)
 
 

@@ -23,19 +23,32 @@ RECIPES: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_RECIPE = "tuned"
 
+# what a recipe adds for one architecture: options that only that model has (BENCHMARKS.md, "Bit structure
+# at 10 minutes"), kept out of the other models' config.json where they would mean nothing
+ARCH_RECIPES: dict[str, dict[str, tuple[str, ...]]] = {
+    "tuned": {
+        "patched": (
+            "model.tree_shared_bits=true",  # tree nodes share a vector per earlier bit's value across bytes
+            "model.local_d_ff=0",           # the nodes read the normed global state, as the byte head does
+            "model.byte_table=true",        # the encoder adds a learned vector per whole byte
+        ),
+    },
+}
+
 # options a recipe sets that a strategy refuses, and what the recipe falls back to there
 _FALLBACKS: dict[str, dict[str, str]] = {
     "fsdp": {"train.optimizer": "adamw"},  # Muon needs whole weight matrices; FSDP2 shards them
 }
 
 
-def recipe_overrides(name: str, strategy: str | None = None) -> tuple[str, ...]:
-    """The assignments of recipe `name`, with what `strategy` (parallel.strategy) cannot run swapped out."""
+def recipe_overrides(name: str, strategy: str | None = None, arch: str | None = None) -> tuple[str, ...]:
+    """The assignments of recipe `name` for model.arch `arch` (None: only those common to every
+    architecture), with what `strategy` (parallel.strategy) cannot run swapped out."""
     if name not in RECIPES:
         raise ValueError(f"recipe: unknown {name!r}; choose from {sorted(RECIPES)}")
     fallback = _FALLBACKS.get(strategy or "", {})
     out = []
-    for assignment in RECIPES[name]:
+    for assignment in RECIPES[name] + ARCH_RECIPES.get(name, {}).get(arch or "", ()):
         key = assignment.split("=", 1)[0]
         out.append(f"{key}={fallback[key]}" if key in fallback else assignment)
     return tuple(out)

@@ -11,7 +11,7 @@ from typing import Optional
 import click
 
 from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, apply_overrides, from_dict
-from ..recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
+from ..recipes import ARCH_RECIPES, DEFAULT_RECIPE, RECIPES, recipe_overrides
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
@@ -29,10 +29,12 @@ def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: t
             cfg = config_from_file(cls, config_file)
         else:
             base = cls(model=ModelConfig.from_name(preset, kind=kind))
-            # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon): read it from the config that
-            # the later assignments make, so old key names (run.strategy) count too
-            strategy = apply_overrides(base, tuple(defaults) + tuple(sets)).parallel.strategy
-            cfg = apply_overrides(base, recipe_overrides(recipe, strategy) + tuple(defaults))
+            # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon) and the architecture its own
+            # options: read both from the config that the later assignments make, so old key names
+            # (run.strategy) count too
+            later = apply_overrides(base, tuple(defaults) + tuple(sets))
+            cfg = apply_overrides(base, recipe_overrides(recipe, later.parallel.strategy, later.model.arch)
+                                  + tuple(defaults))
         if minutes is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))
@@ -62,7 +64,11 @@ def config_from_file(cls: type, path: str):
 
 
 def _recipe_help() -> str:
-    listed = "; ".join(f"{name}: {' '.join(sets) or 'the dataclass defaults'}" for name, sets in RECIPES.items())
+    def described(name: str) -> str:
+        extra = "".join(f" ({arch} also: {' '.join(sets)})" for arch, sets in ARCH_RECIPES.get(name, {}).items())
+        return f"{name}: {' '.join(RECIPES[name]) or 'the dataclass defaults'}{extra}"
+
+    listed = "; ".join(described(name) for name in RECIPES)
     return f"Training recipe applied on top of the preset, before --set ({listed}). Ignored with --config."
 
 

@@ -1,6 +1,7 @@
 """The patched model's encoder and local-decoder options: model.tree_shared_bits (tree nodes that
 share per-(phase, earlier bit) vectors across bytes), model.local_d_ff=0 (the nodes read the global
-state) and model.byte_table (a learned vector per whole byte pattern in the encoder)."""
+state), model.byte_table (a learned vector per whole byte pattern in the encoder) and
+model.byte_softmax (the bits' conditionals read from one softmax over the byte's patterns)."""
 
 import copy
 import dataclasses
@@ -18,7 +19,10 @@ from bitlm.pipelining import prune_to_stage
 CFG = ModelConfig.from_name("tiny", kind="patched", max_positions=16, tree_shared_bits=True)
 OPTIONS = {"shared": {}, "no_projection": {"tree_shared_bits": False, "local_d_ff": 0},
            "table": {"tree_shared_bits": False, "byte_table": True},
-           "all": {"local_d_ff": 0, "byte_table": True}, "no_projection_local_mlp": {"local_d_ff": 0, "n_local_layers": 1}}
+           "all": {"local_d_ff": 0, "byte_table": True}, "no_projection_local_mlp": {"local_d_ff": 0, "n_local_layers": 1},
+           "softmax": {"tree_shared_bits": False, "byte_softmax": True}, "softmax_shared": {"byte_softmax": True},
+           "softmax_no_projection_table": {"tree_shared_bits": False, "byte_softmax": True, "local_d_ff": 0,
+                                           "byte_table": True}}
 
 
 def make(seed=0, trained=True, **changes) -> BitTransformerLM:
@@ -156,3 +160,42 @@ def test_zero_init_head_without_the_projection_starts_every_node_at_its_bias():
     assert not model.body.node_vectors.weight.any()
     logits = model(random_bits(), causal=True)[0]
     assert torch.equal(logits[..., 0], torch.zeros_like(logits[..., 0]))
+
+
+def test_byte_softmax_bits_are_the_conditionals_of_one_softmax_over_patterns():
+    model = make(tree_shared_bits=False, byte_softmax=True)
+    body = model.body
+    x = random_bits(n_bytes=4, batch=3)
+    ctx = body(x, causal=True, readout=False)[0]  # (3, 5, hidden): BOS + 4 bytes
+    joint = (ctx @ body.pattern_vectors.weight.T + body.pattern_bias.weight[:, 0]).log_softmax(-1)  # (3, 5, 512)
+    log_probs = model(x, causal=True)[0].float().log_softmax(-1)  # logits[:, t] predicts bit t + 1
+    bits = x.view(3, 4, 9)
+    # the sum of a byte's 9 bit log-probabilities is its pattern's log-probability under the joint
+    for i in range(1, 4):  # byte i, predicted from state i (bits 9 i .. 9 i + 8, logits 9 i - 1 ..)
+        index = int((bits[0, i] * 2 ** torch.arange(8, -1, -1)).sum())
+        per_bit = log_probs[0, 9 * i - 1:9 * i + 8].gather(-1, bits[0, i, :, None])[:, 0].sum()
+        torch.testing.assert_close(per_bit, joint[0, i, index], atol=1e-5, rtol=1e-5)
+    # a prefix's bit conditional is the ratio of the masses of the patterns that continue it
+    prefix = bits[1, 2, :4]
+    starts = (torch.arange(512)[:, None] >> torch.arange(8, -1, -1) & 1)[:, :4].eq(prefix).all(-1)
+    with_one = starts & (torch.arange(512) >> 4 & 1).bool()
+    expected = joint[1, 2][with_one].logsumexp(0) - joint[1, 2][starts].logsumexp(0)
+    torch.testing.assert_close(log_probs[1, 9 * 2 + 3, 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_byte_softmax_is_for_causal_models():
+    noncausal = make(tree_shared_bits=False, byte_softmax=True, causal=False).body
+    assert noncausal.pattern_vectors is None and noncausal.node_vectors is not None  # diffusion keeps the tree
+    assert make(tree_shared_bits=False, byte_softmax=True).body.node_vectors is None
+
+
+def test_with_byte_softmax_each_pattern_adds_the_shared_vector_of_each_of_its_bits():
+    body = make(byte_softmax=True).body
+    vectors, bias = body.node_table()
+    shared, shared_bias = body.shared_vectors.view(9, 2, -1), body.shared_bias.view(9, 2)
+    for v in (0, 0b011000011, 511):
+        bits = [(v >> (8 - m)) & 1 for m in range(9)]
+        torch.testing.assert_close(vectors[v], body.pattern_vectors.weight[v]
+                                   + sum(shared[m, b] for m, b in enumerate(bits)))
+        torch.testing.assert_close(bias[v], body.pattern_bias.weight[v, 0]
+                                   + sum(shared_bias[m, b] for m, b in enumerate(bits)))

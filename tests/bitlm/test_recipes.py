@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from bitlm.cli import main
 from bitlm.cli.options import build_experiment
 from bitlm.config import ExperimentConfig, ModelConfig, TrainConfig, apply_overrides, to_dict
-from bitlm.recipes import DEFAULT_RECIPE, RECIPES, recipe_overrides
+from bitlm.recipes import ARCH_RECIPES, DEFAULT_RECIPE, RECIPES, recipe_overrides
 
 
 def test_default_recipe_is_applied_on_top_of_the_preset():
     cfg = build_experiment("tiny", "patched", None, (), None, None)
     expected = apply_overrides(ExperimentConfig(model=ModelConfig.from_name("tiny", kind="patched")),
-                               RECIPES[DEFAULT_RECIPE])
+                               RECIPES[DEFAULT_RECIPE] + ARCH_RECIPES[DEFAULT_RECIPE]["patched"])
     assert cfg == expected
     assert RECIPES[DEFAULT_RECIPE], "the default recipe changes something"
     assert cfg != ExperimentConfig(model=ModelConfig.from_name("tiny", kind="patched"))
@@ -33,6 +33,21 @@ def test_set_overrides_win_over_the_recipe():
     cfg = build_experiment("tiny", "byte", None, ("train.optimizer=adamw", "model.input_conv=0"), None, None,
                            recipe="tuned")
     assert cfg.train.optimizer == "adamw" and cfg.model.input_conv == 0
+
+
+def test_the_patched_models_own_options_go_to_it_alone():
+    patched = build_experiment("tiny", "patched", None, (), None, None).model
+    assert patched.tree_shared_bits and patched.byte_table and patched.local_d_ff == 0
+    for kind in ("byte", "flat"):
+        # the other models keep the dataclass defaults of options they do not have
+        model = build_experiment("tiny", kind, None, (), None, None).model
+        assert not model.tree_shared_bits and not model.byte_table and model.local_d_ff == ModelConfig().local_d_ff
+        assert model.input_conv == 4  # while the common part of the recipe still applies
+    assert not any("tree_shared_bits" in a for a in recipe_overrides("tuned"))
+    assert "model.byte_table=true" in recipe_overrides("tuned", arch="patched")
+    # a later --set still wins, and the original recipe adds nothing for any architecture
+    assert build_experiment("tiny", "patched", None, ("model.local_d_ff=64",), None, None).model.local_d_ff == 64
+    assert recipe_overrides("original", arch="patched") == ()
 
 
 def test_fsdp_strategy_swaps_muon_for_adamw():
@@ -76,3 +91,4 @@ def test_train_help_lists_the_recipes():
     result = CliRunner().invoke(main, ["train", "--help"], terminal_width=200)
     assert result.exit_code == 0
     assert "--recipe" in result.output and "original" in result.output and "tuned" in result.output
+    assert "patched also: model.tree_shared_bits=true" in " ".join(result.output.split())
