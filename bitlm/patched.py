@@ -63,19 +63,29 @@ def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, n
     return (vectors[nodes] * ctx.unsqueeze(-2)).sum(-1) + bias[nodes]
 
 
-def _tree_scores(pattern_logits: torch.Tensor) -> torch.Tensor:
-    """(..., 2^bpb) logits of a joint over bit patterns -> (..., 2^bpb - 1) node scores of its tree.
+def _tree_masses(pattern_logits: torch.Tensor) -> torch.Tensor:
+    """(..., 2^bpb) logits of a joint over bit patterns -> (..., 2^bpb - 1, 2) masses below each
+    tree node's two children, in float32 and relative to the largest pattern's.
 
-    Node (j, p) at index 2^j - 1 + p scores bit j = 1 against 0 given prefix p: the log-mass of the
-    patterns that start p1 minus that of those that start p0, so the bits' conditionals multiply to
-    the joint exactly. Each level's masses are logaddexp of the pairs below it (pattern index MSB first).
+    Node (j, p), index n = 2^j - 1 + p, scores bit j = 1 against 0 given prefix p by the log of the
+    mass of the patterns that start p1 over that of those that start p0, so the bits' conditionals
+    multiply to the joint exactly. The masses are sums of exp(logit - max) pairwise up the tree
+    (pattern index MSB first); laid out level by level from the root, node n's children sit at 2n
+    and 2n + 1. Callers take the log of only the nodes they read: ~2x faster training on CPU than a
+    logsumexp per level over the whole tree.
     """
-    scores, level = [], pattern_logits
-    while level.shape[-1] > 1:
-        pairs = level.unflatten(-1, (-1, 2))
-        scores.append(pairs[..., 1] - pairs[..., 0])
-        level = torch.logsumexp(pairs, dim=-1)
-    return torch.cat(scores[::-1], dim=-1)
+    logits = pattern_logits.float()
+    levels = [(logits - logits.amax(-1, keepdim=True).detach()).exp()]  # the shift cancels in every score
+    while levels[-1].shape[-1] > 2:
+        levels.append(levels[-1].unflatten(-1, (-1, 2)).sum(-1))
+    return torch.cat(levels[::-1], dim=-1).unflatten(-1, (-1, 2))
+
+
+def _log_ratio(children: torch.Tensor) -> torch.Tensor:
+    """log(mass of child 1 / mass of child 0) of (..., 2) masses; a mass below float32's range is
+    clamped, which bounds a score at about +-87 instead of making it inf."""
+    logs = children.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return logs[..., 1] - logs[..., 0]
 
 
 def _shared_membership(bpb: int) -> torch.Tensor:
@@ -229,8 +239,9 @@ class PatchedBody(nn.Module):
             return torch.stack([torch.zeros_like(score), score], dim=-1)
         values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
         nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
-        if self.pattern_vectors is not None:  # every node of the tree from the byte's joint, then its path
-            score = _tree_scores(torch.nn.functional.linear(ctx, vectors, bias)).gather(-1, nodes)
+        if self.pattern_vectors is not None:  # the byte's joint, then the masses below its path's nodes
+            children = _tree_masses(torch.nn.functional.linear(ctx, vectors, bias))
+            score = _log_ratio(children.gather(-2, nodes[..., None].expand(*nodes.shape, 2))).to(ctx.dtype)
         elif phases.shape[0] == self.bits_per_byte:
             # every phase of every byte (training, scoring): one matmul scores all nodes of the first
             # phases and a gather picks each byte's path (~1.5x faster on CPU than a batched dot

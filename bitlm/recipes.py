@@ -31,6 +31,7 @@ ARCH_RECIPES: dict[str, dict[str, tuple[str, ...]]] = {
             "model.tree_shared_bits=true",  # tree nodes share a vector per earlier bit's value across bytes
             "model.local_d_ff=0",           # the nodes read the normed global state, as the byte head does
             "model.byte_table=true",        # the encoder adds a learned vector per whole byte
+            "model.byte_softmax=true",      # every bit read from one softmax over the byte's patterns
         ),
     },
 }

@@ -199,3 +199,18 @@ def test_with_byte_softmax_each_pattern_adds_the_shared_vector_of_each_of_its_bi
                                    + sum(shared[m, b] for m, b in enumerate(bits)))
         torch.testing.assert_close(bias[v], body.pattern_bias.weight[v, 0]
                                    + sum(shared_bias[m, b] for m, b in enumerate(bits)))
+
+
+def test_tree_masses_of_a_joint_match_logsumexp_even_for_extreme_logits():
+    from bitlm.patched import _log_ratio, _tree_masses
+
+    logits = torch.randn(3, 512, dtype=torch.float64) * 4
+    logits[1, :256] -= 200.0  # a half of the tree beyond float32's range: clamped, never inf or nan
+    scores = _log_ratio(_tree_masses(logits))  # (3, 511)
+    assert torch.isfinite(scores).all()
+    for j, p in [(0, 0), (4, 0b1011), (8, 0b11100101)]:
+        width = 2 ** (9 - j - 1)  # patterns below each child of node (j, p)
+        start = (2 * p) * width
+        expected = logits[0, start + width:start + 2 * width].logsumexp(0) - logits[0, start:start + width].logsumexp(0)
+        torch.testing.assert_close(scores[0, 2 ** j - 1 + p].double(), expected, atol=1e-4, rtol=1e-4)
+    assert 80 < scores[1, 0] < 90  # the clamped side of the root: a large, finite score for bit 0 = 1
