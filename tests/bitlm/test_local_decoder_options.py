@@ -214,3 +214,23 @@ def test_tree_masses_of_a_joint_match_logsumexp_even_for_extreme_logits():
         expected = logits[0, start + width:start + 2 * width].logsumexp(0) - logits[0, start:start + width].logsumexp(0)
         torch.testing.assert_close(scores[0, 2 ** j - 1 + p].double(), expected, atol=1e-4, rtol=1e-4)
     assert 80 < scores[1, 0] < 90  # the clamped side of the root: a large, finite score for bit 0 = 1
+
+
+def test_a_diffusion_model_trains_with_the_tuned_recipes_patched_options():
+    from bitlm.diffusion import diffusion_batch_loss, diffusion_sample
+
+    # byte_softmax is ignored there (a non-causal model keeps its tree); the other three act
+    model = make(trained=False, causal=False, local_d_ff=0, byte_table=True, byte_softmax=True).train()
+    opt = build_optimizer(model, TrainConfig(lr=3e-3))
+    batch = torch.tensor([list(b"To be, or not to be: that is")[:16]] * 4, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(20):
+        out = diffusion_batch_loss(model, batch, schedule="linear", generator=generator)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    assert model.body.shared_vectors.abs().sum() > 0 and model.body.byte_table.abs().sum() > 0
+    assert losses[-1] < losses[0]
+    assert len(diffusion_sample(model.eval(), "To be", 8, steps=4, seed=0).new_bytes) == 8
