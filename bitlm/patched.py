@@ -9,6 +9,9 @@ Bits in, per-bit logits out, in the flat model's layout, with exact bit-level ca
                  where z_i = A h_i (+ optional residual MLPs) is computed once per byte. Every
                  prefix has its own vector (a learned hierarchical softmax over the byte's bits),
                  and a bit costs one dot product, so the model's cost stays close to a byte model's.
+                 model.byte_softmax (causal models) instead scores every pattern of the byte once,
+                 <P[v], z_i> + c[v], and reads node (j, p) from that joint: the log-mass of the
+                 patterns continuing p with 1 over those continuing it with 0.
 Non-causal (diffusion) mode: no shift (every byte sees every byte, masked bits enter the encoder
 as MASK), and the byte vectors pass a depthwise convolution over their neighbours before the stack.
 Why: in causal mode byte i's input already is byte i-1, so the residual stream carries a bigram
@@ -141,7 +144,7 @@ class PatchedBody(nn.Module):
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
         if cfg.byte_softmax and cfg.causal:
             # model.byte_softmax: one logit per whole pattern; the tree's node scores are read from that
-            # joint (_tree_scores), as the byte model's head scores its 256 bytes
+            # joint (_tree_masses), as the byte model's head scores its 256 bytes
             self.pattern_vectors, self.pattern_bias = nn.Embedding(2 ** bpb, hidden), nn.Embedding(2 ** bpb, 1)
             self.node_vectors = self.node_bias = None
         else:

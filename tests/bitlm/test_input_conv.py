@@ -6,6 +6,8 @@ import dataclasses
 import pytest
 import torch
 
+from decoding_checks import assert_incremental_decoding_equals_full_forward
+
 from bitlm.checkpoint import from_pretrained, save_pretrained
 from bitlm.config import ModelConfig, TrainConfig, from_dict, to_dict
 from bitlm.input_conv import InputConv
@@ -78,13 +80,7 @@ def test_logits_before_a_flipped_input_do_not_change(kind):
 @pytest.mark.parametrize("prefix", [1, 3, 22, 40])
 def test_kv_cache_decoding_equals_the_full_forward(kind, prefix):
     model = make(kind)
-    ids = random_ids(model)
-    full, _ = model(ids)
-    state, first = model.start_decoding(ids[:, :prefix])
-    pieces = [first]
-    for t in range(prefix, ids.shape[1] - 1):
-        pieces.append(model.decode_next(state, ids[:, t]))
-    torch.testing.assert_close(torch.stack(pieces, dim=1), full[:, prefix - 1:-1], atol=1e-5, rtol=1e-5)
+    assert_incremental_decoding_equals_full_forward(model, random_ids(model), prompt_bits=prefix)
 
 
 @pytest.mark.parametrize("kind", KINDS)

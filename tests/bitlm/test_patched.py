@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from decoding_checks import assert_incremental_decoding_equals_full_forward
+
 from bitlm import checkpoint as ckpt
 from bitlm.config import ModelConfig
 from bitlm.model import MASK, BitTransformerLM
@@ -78,14 +80,7 @@ def test_both_architectures_share_the_bpb_definition():
 
 @pytest.mark.parametrize("option", ["plain", "reversible", "chunked", "act"])
 def test_incremental_decoding_equals_the_full_forward(option):
-    model = make(**OPTIONS[option])
-    x = random_bits(n_bytes=12)
-    full, _ = model(x)
-    state, first = model.start_decoding(x[:, :22])  # a prompt ending inside a byte
-    pieces = [first]
-    for t in range(22, x.shape[1] - 1):
-        pieces.append(model.decode_next(state, x[:, t]))
-    torch.testing.assert_close(torch.stack(pieces, dim=1), full[:, 21:-1], atol=1e-5, rtol=1e-4)
+    assert_incremental_decoding_equals_full_forward(make(**OPTIONS[option]), random_bits(n_bytes=12))
 
 
 def test_cached_generation_equals_full_recompute_and_runs_past_the_context():
