@@ -341,3 +341,27 @@ def test_the_options_are_set_from_the_command_line():
     assert {k: getattr(cfg.model, k) for k in ALL_ON} == ALL_ON
     with pytest.raises(ValueError, match="model.mlp"):
         apply_overrides(ExperimentConfig(), ["model.mlp=swish"])
+
+
+def test_rotary_angles_read_from_the_kept_table_equal_computing_them_for_each_call():
+    from bitlm import attention
+
+    attention._ROTARY_TABLES.clear()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 3, 5, 16).to(dtype)
+        for start in (0, 7, 1020, 5000):  # the last two grow the table past its first 1,024 positions
+            cos, sin = attention._rotary_angles(start, start + 5, 16, x.device, dtype)
+            x1, x2 = x[..., :8], x[..., 8:]
+            assert torch.equal(rotate(x, start), torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+    assert attention._ROTARY_TABLES[(16, "cpu", torch.float32)][0].shape[0] >= 5005
+
+
+def test_a_rotary_table_built_while_sampling_serves_a_training_backward():
+    from bitlm import attention
+
+    attention._ROTARY_TABLES.clear()
+    with torch.inference_mode():
+        rotate(torch.randn(1, 2, 3, 8), 0)
+    x = torch.randn(1, 2, 3, 8, requires_grad=True)
+    rotate(x, 1).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
