@@ -178,3 +178,12 @@ def test_out_of_range_kernels_are_refused_naming_the_field(value):
     with pytest.raises(ValueError, match=r"^model.input_conv: expected int"):
         from_dict(ModelConfig, {"input_conv": 4.0})
     assert dataclasses.replace(ModelConfig(), input_conv=64).input_conv == 64
+
+
+def test_a_decoding_steps_weighted_sum_equals_the_convolution_over_the_same_window():
+    torch.manual_seed(0)
+    conv = InputConv(12, 4)
+    window = torch.randn(2, 4, 12)  # 3 history vectors and the new input
+    step = conv(window[:, 3:], causal=True, history=window[:, :3])
+    torch.testing.assert_close(step, conv(window, causal=True)[:, 3:], atol=1e-6, rtol=1e-6)
+    assert step.shape == (2, 1, 12)
