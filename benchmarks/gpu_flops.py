@@ -36,7 +36,7 @@ def train_flops_per_row(model: nn.Module, context_bytes: int) -> dict[str, float
     per position (T positions in the row, the usual non-causal count, as in the PaLM paper's MFU).
     The patched model's local decoder scores every bit as a dot product of local_d_ff features with
     a tree node's vector: 6 local_d_ff FLOPs per bit (d_model with local_d_ff=0; per pattern of the
-    byte with model.byte_softmax, whose tree is then logsumexps of that joint; the training readout
+    byte with model.byte_softmax, whose tree masses are then sums over that joint; the training readout
     scores all nodes of phases 0-7 at once, more arithmetic than the model needs, uncounted like
     recomputation). Embedding lookups and element-wise work are not
     counted; the reversible stack's recomputation is not either (MFU counts the model's FLOPs).

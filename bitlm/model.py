@@ -160,7 +160,7 @@ def _zero_init(body: nn.Module, cfg: ModelConfig) -> None:
         elif cfg.local_d_ff:
             nn.init.zeros_(body.to_local[0].weight)
         else:  # no projection: the tree's node (or pattern) vectors are the head
-            nn.init.zeros_((body.node_vectors if body.pattern_vectors is None else body.pattern_vectors).weight)
+            nn.init.zeros_(body.readout_embeddings[0].weight)
 
 
 def _init_weights(module: nn.Module) -> None:

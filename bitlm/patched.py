@@ -91,6 +91,11 @@ def _log_ratio(children: torch.Tensor) -> torch.Tensor:
     return logs[..., 1] - logs[..., 0]
 
 
+def _path_scores(children: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """(..., k) scores of the given nodes from (..., n_tree, 2) child masses (_tree_masses)."""
+    return _log_ratio(children.gather(-2, nodes[..., None].expand(*nodes.shape, 2)))
+
+
 def _shared_membership(bpb: int) -> torch.Tensor:
     """(2^bpb - 1 + bpb, 2 bpb^2) 0/1: row n marks the shared terms (j, m, bit m of p) of tree node n = (j, p).
 
@@ -217,12 +222,18 @@ class PatchedBody(nn.Module):
         encoded = self.encode_bytes(bits)
         return encoded + self.neighbour_mix(encoded.transpose(1, 2)).transpose(1, 2)
 
+    @property
+    def readout_embeddings(self) -> tuple[nn.Embedding, nn.Embedding]:
+        """The vectors and biases the readout scores: the tree's nodes, or with model.byte_softmax its patterns."""
+        if self.pattern_vectors is None:
+            return self.node_vectors, self.node_bias
+        return self.pattern_vectors, self.pattern_bias
+
     def node_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every node's vector (n_nodes, hidden) and bias (n_nodes,), the shared per-bit terms added;
         with model.byte_softmax every pattern's (2^bpb, hidden) and (2^bpb,) instead."""
-        table = (self.node_vectors, self.node_bias) if self.pattern_vectors is None else (self.pattern_vectors,
-                                                                                       self.pattern_bias)
-        vectors, bias = table[0].weight, table[1].weight[:, 0]
+        vector_table, bias_table = self.readout_embeddings
+        vectors, bias = vector_table.weight, bias_table.weight[:, 0]
         if self.shared_vectors is None:
             return vectors, bias
         membership = self.shared_membership.to(vectors.dtype)
@@ -240,11 +251,9 @@ class PatchedBody(nn.Module):
             nodes = self.n_tree + phases
             score = torch.nn.functional.linear(ctx, vectors[nodes], bias[nodes])
             return torch.stack([torch.zeros_like(score), score], dim=-1)
-        values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
-        nodes = self.tree_base[phases] + values.round().long()  # (..., n_phases)
+        nodes = self._path_nodes(bits, phases)
         if self.pattern_vectors is not None:  # the byte's joint, then the masses below its path's nodes
-            children = _tree_masses(torch.nn.functional.linear(ctx, vectors, bias))
-            score = _log_ratio(children.gather(-2, nodes[..., None].expand(*nodes.shape, 2))).to(ctx.dtype)
+            score = _path_scores(_tree_masses(torch.nn.functional.linear(ctx, vectors, bias)), nodes).to(ctx.dtype)
         elif phases.shape[0] == self.bits_per_byte:
             # every phase of every byte (training, scoring): one matmul scores all nodes of the first
             # phases and a gather picks each byte's path (~1.5x faster on CPU than a batched dot
@@ -258,6 +267,11 @@ class PatchedBody(nn.Module):
         else:  # bit-by-bit decoding: one node per row
             score = _node_scores(vectors, bias, ctx, nodes)
         return torch.stack([torch.zeros_like(score), score], dim=-1)
+
+    def _path_nodes(self, bits: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+        """(..., n_phases) tree node of each phase given the byte's (..., n_prefix) earlier bits."""
+        values = bits.clamp(max=1).to(self.prefix_weights.dtype) @ self.prefix_weights[: bits.shape[-1], phases]
+        return self.tree_base[phases] + values.round().long()
 
     def _global(self, byte_vectors: torch.Tensor, *, causal: bool, cache: Optional[KVCache],
                 return_weights: bool) -> tuple[torch.Tensor, StackOutput]:
@@ -394,12 +408,21 @@ class PatchedBody(nn.Module):
             state.extra = {**state.extra, "inputs": self.input_conv.history(inputs, history)}
             inputs = self.input_conv(inputs, causal=True, history=history)
         ctx, _ = self._global(inputs, causal=True, cache=state.cache, return_weights=False)
-        state.extra = {**state.extra, "ctx": ctx[:, -1]}
+        # a new byte's features: the joint's masses of the last one (byte_softmax) no longer hold
+        state.extra = {**{k: v for k, v in state.extra.items() if k != "masses"}, "ctx": ctx[:, -1]}
 
     def _next_bit_logits(self, state: DecodeState) -> torch.Tensor:
         prefix = state.extra["prefix"]
         phase = torch.tensor([prefix.shape[1]], device=prefix.device)
-        return self._local_logits(state.extra["ctx"], prefix, phase, self._decoding_table(state))[:, 0]
+        if self.pattern_vectors is None:
+            return self._local_logits(state.extra["ctx"], prefix, phase, self._decoding_table(state))[:, 0]
+        # byte_softmax: the joint and its tree masses once per byte, read by each of its bits
+        if "masses" not in state.extra:
+            vectors, bias = self._decoding_table(state)
+            masses = _tree_masses(torch.nn.functional.linear(state.extra["ctx"], vectors, bias))
+            state.extra = {**state.extra, "masses": masses}
+        score = _path_scores(state.extra["masses"], self._path_nodes(prefix, phase)).to(state.extra["ctx"].dtype)
+        return torch.stack([torch.zeros_like(score), score], dim=-1)[:, 0]
 
     def _decoding_table(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:
         """node_table(), computed once per decoding state (the weights stay fixed while decoding)."""
