@@ -67,6 +67,11 @@ class ModelConfig:
     # causal models: the bits' conditionals are read from one softmax over the byte's 2^bpb patterns (a
     # non-causal, diffusion model keeps the tree); tree_shared_bits then shares per-bit vectors across patterns
     byte_softmax: bool = False
+    # with byte_softmax and parity: the softmax scores the 2^8 data patterns only, and the parity bit,
+    # a function of the data bits (bitlm.codec), gets a fixed certain logit: a head as wide as the byte
+    # model's. Like byte_softmax it acts where it applies (a causal model with byte_softmax and parity
+    # bits) and changes nothing elsewhere, so one recipe serves every patched model
+    known_parity: bool = False
     n_streams: int = 1  # 2 for compression-aware training: a learned marker for rows of compressed bits
     # recipes of recent small models (nanoGPT, modded-nanogpt); the defaults are the original design
     norm: Literal["layer", "rms"] = "layer"  # every norm of the model: LayerNorm or RMSNorm

@@ -11,7 +11,8 @@ Bits in, per-bit logits out, in the flat model's layout, with exact bit-level ca
                  and a bit costs one dot product, so the model's cost stays close to a byte model's.
                  model.byte_softmax (causal models) instead scores every pattern of the byte once,
                  <P[v], z_i> + c[v], and reads node (j, p) from that joint: the log-mass of the
-                 patterns continuing p with 1 over those continuing it with 0.
+                 patterns continuing p with 1 over those continuing it with 0 (bitlm.pattern_joint);
+                 with model.known_parity only the 256 data patterns, the parity bit's logit fixed.
 Non-causal (diffusion) mode: no shift (every byte sees every byte, masked bits enter the encoder
 as MASK), and the byte vectors pass a depthwise convolution over their neighbours before the stack.
 Why: in causal mode byte i's input already is byte i-1, so the residual stream carries a bigram
@@ -43,6 +44,7 @@ from .attention import DecodeState, KVCache, sinusoidal_table
 from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
 from .input_conv import InputConv
+from .pattern_joint import joint_path_scores, path_scores, tree_masses
 
 
 class _ResidualMLP(nn.Module):
@@ -59,41 +61,14 @@ class _ResidualMLP(nn.Module):
 _DENSE_PHASES = 8  # bit phases whose tree nodes the training readout scores with one matmul (255 nodes)
 _ENCODE_DISTINCT_FROM = 64  # byte positions in a call from which encode_bytes encodes distinct patterns once
 _NEIGHBOUR_KERNEL = 9  # bytes each side + 1 that the non-causal input convolution reads (best of 3, 5, 9)
+# model.known_parity: the parity bit's logit; p(wrong parity) = e^-30, below float32's step at 1, and a
+# wrong parity bit in the input costs 30 nats (the bpb counts it) instead of an inf
+_PARITY_SCORE = 30.0
 
 
 def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """<N[node], z> + b[node] for (..., k) nodes of each byte and its (..., hidden) features z."""
     return (vectors[nodes] * ctx.unsqueeze(-2)).sum(-1) + bias[nodes]
-
-
-def _tree_masses(pattern_logits: torch.Tensor) -> torch.Tensor:
-    """(..., 2^bpb) logits of a joint over bit patterns -> (..., 2^bpb - 1, 2) masses below each
-    tree node's two children, in float32 and relative to the largest pattern's.
-
-    Node (j, p), index n = 2^j - 1 + p, scores bit j = 1 against 0 given prefix p by the log of the
-    mass of the patterns that start p1 over that of those that start p0, so the bits' conditionals
-    multiply to the joint exactly. The masses are sums of exp(logit - max) pairwise up the tree
-    (pattern index MSB first); laid out level by level from the root, node n's children sit at 2n
-    and 2n + 1. Callers take the log of only the nodes they read: ~2x faster training on CPU than a
-    logsumexp per level over the whole tree.
-    """
-    logits = pattern_logits.float()
-    levels = [(logits - logits.amax(-1, keepdim=True).detach()).exp()]  # the shift cancels in every score
-    while levels[-1].shape[-1] > 2:
-        levels.append(levels[-1].unflatten(-1, (-1, 2)).sum(-1))
-    return torch.cat(levels[::-1], dim=-1).unflatten(-1, (-1, 2))
-
-
-def _log_ratio(children: torch.Tensor) -> torch.Tensor:
-    """log(mass of child 1 / mass of child 0) of (..., 2) masses; a mass below float32's range is
-    clamped, which bounds a score at about +-87 instead of making it inf."""
-    logs = children.clamp_min(torch.finfo(torch.float32).tiny).log()
-    return logs[..., 1] - logs[..., 0]
-
-
-def _path_scores(children: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-    """(..., k) scores of the given nodes from (..., n_tree, 2) child masses (_tree_masses)."""
-    return _log_ratio(children.gather(-2, nodes[..., None].expand(*nodes.shape, 2)))
 
 
 def _shared_membership(bpb: int) -> torch.Tensor:
@@ -147,21 +122,34 @@ class PatchedBody(nn.Module):
         self.to_local = nn.Sequential(*projection,
                                       *(_ResidualMLP(hidden, 2 * hidden, cfg.norm) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
+        # bits the byte softmax scores: all of them, or with model.known_parity the data bits only
+        self.joint_bits = bpb - 1 if cfg.known_parity and cfg.parity else bpb
         if cfg.byte_softmax and cfg.causal:
             # model.byte_softmax: one logit per whole pattern; the tree's node scores are read from that
-            # joint (_tree_masses), as the byte model's head scores its 256 bytes
-            self.pattern_vectors, self.pattern_bias = nn.Embedding(2 ** bpb, hidden), nn.Embedding(2 ** bpb, 1)
+            # joint (bitlm.pattern_joint), as the byte model's head scores its 256 bytes
+            n_patterns = 2 ** self.joint_bits
+            self.pattern_vectors, self.pattern_bias = nn.Embedding(n_patterns, hidden), nn.Embedding(n_patterns, 1)
             self.node_vectors = self.node_bias = None
         else:
             self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
             self.node_bias = nn.Embedding(n_tree + bpb, 1)
             self.pattern_vectors = self.pattern_bias = None
+        if self.joint_bits < bpb and self.pattern_vectors is not None:
+            # the parity bit's logit given the data bits d (the last phase's prefix): +-_PARITY_SCORE, certain
+            # in float32; (2^8, 2) log-probabilities of parity bit 0 and 1 for byte-at-once sampling
+            parity = torch.tensor([bin(d).count("1") % 2 for d in range(2 ** self.joint_bits)])  # even parity
+            scores = _PARITY_SCORE * (2.0 * parity - 1.0)
+            self.register_buffer("parity_scores", scores, persistent=False)
+            self.register_buffer("parity_log_probs", torch.nn.functional.logsigmoid(
+                torch.stack([-scores, scores], dim=-1)), persistent=False)
+        else:
+            self.parity_scores = self.parity_log_probs = None
         self.register_buffer("tree_base", 2 ** torch.arange(bpb) - 1, persistent=False)
         if cfg.tree_shared_bits:
             # node (j, p) also reads sum_{m<j} S[j, m, bit m of p]: features shared by every byte whose
             # bit m has that value (upper- and lower-case letters share all but the case bit's); with
             # byte_softmax pattern v reads sum_m S[m, bit m of v]; zero at the start, so the plain model
-            membership = _shared_membership(bpb) if self.pattern_vectors is None else _pattern_membership(bpb)
+            membership = _shared_membership(bpb) if self.pattern_vectors is None else _pattern_membership(self.joint_bits)
             self.shared_vectors = nn.Parameter(torch.zeros(membership.shape[1], hidden))
             self.shared_bias = nn.Parameter(torch.zeros(membership.shape[1]))
             self.register_buffer("shared_membership", membership, persistent=False)
@@ -231,7 +219,7 @@ class PatchedBody(nn.Module):
 
     def node_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every node's vector (n_nodes, hidden) and bias (n_nodes,), the shared per-bit terms added;
-        with model.byte_softmax every pattern's (2^bpb, hidden) and (2^bpb,) instead."""
+        with model.byte_softmax every pattern's (2^joint_bits, hidden) and (2^joint_bits,) instead."""
         vector_table, bias_table = self.readout_embeddings
         vectors, bias = vector_table.weight, bias_table.weight[:, 0]
         if self.shared_vectors is None:
@@ -253,7 +241,12 @@ class PatchedBody(nn.Module):
             return torch.stack([torch.zeros_like(score), score], dim=-1)
         nodes = self._path_nodes(bits, phases)
         if self.pattern_vectors is not None:  # the byte's joint, then the masses below its path's nodes
-            score = _path_scores(_tree_masses(torch.nn.functional.linear(ctx, vectors, bias)), nodes).to(ctx.dtype)
+            joint = torch.nn.functional.linear(ctx, vectors, bias)
+            if phases.shape[0] == self.bits_per_byte:
+                score = self._joint_path_scores(joint, nodes)
+            else:
+                score = self._joint_node_scores(tree_masses(joint), nodes, phases)
+            score = score.to(ctx.dtype)
         elif phases.shape[0] == self.bits_per_byte:
             # every phase of every byte (training, scoring): one matmul scores all nodes of the first
             # phases and a gather picks each byte's path (~1.5x faster on CPU than a batched dot
@@ -267,6 +260,24 @@ class PatchedBody(nn.Module):
         else:  # bit-by-bit decoding: one node per row
             score = _node_scores(vectors, bias, ctx, nodes)
         return torch.stack([torch.zeros_like(score), score], dim=-1)
+
+    def _joint_path_scores(self, joint: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """(..., bpb) scores of every phase's node on the path `nodes` (..., bpb) of each byte, read from
+        its (..., 2^joint_bits) pattern logits (model.byte_softmax; training and scoring)."""
+        last = nodes[..., -1] - self.tree_base[-1]  # the byte's first bpb - 1 bits, the last phase's prefix
+        if self.parity_scores is None:
+            return joint_path_scores(joint, last * 2)
+        return torch.cat([joint_path_scores(joint, last), self.parity_scores[last][..., None]], dim=-1)
+
+    def _joint_node_scores(self, masses: torch.Tensor, nodes: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+        """(..., n_phases) scores of the given phases' nodes from the joint's tree masses (tree_masses);
+        with model.known_parity the parity phase's node is not in the tree and reads its fixed score."""
+        n_joint_nodes = masses.shape[-2]
+        score = path_scores(masses, nodes.clamp(max=n_joint_nodes - 1))
+        if self.parity_scores is None:
+            return score
+        prefix = nodes - self.tree_base[phases]
+        return torch.where(phases == self.joint_bits, self.parity_scores[prefix].to(score.dtype), score)
 
     def _path_nodes(self, bits: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
         """(..., n_phases) tree node of each phase given the byte's (..., n_prefix) earlier bits."""
@@ -378,7 +389,8 @@ class PatchedBody(nn.Module):
 
         Exact: the scores of all tree nodes in one matmul, and log p(pattern) = the sum of
         logsigmoid(+-score) down its path, which is the product of the bit-by-bit conditionals.
-        With parity the 2^9 patterns include wrong-parity ones, at whatever mass the model gives them.
+        With parity the 2^9 patterns include wrong-parity ones, at whatever mass the model gives them
+        (with model.known_parity, e^-30 of their data pattern's).
         """
         if state.extra["prefix"].shape[1]:
             raise ValueError("byte-at-once decoding needs a state on a byte boundary "
@@ -386,7 +398,11 @@ class PatchedBody(nn.Module):
         n = self.n_tree
         vectors, bias = self._decoding_table(state)
         if self.pattern_vectors is not None:  # the joint itself
-            return torch.addmm(bias.float(), state.extra["ctx"].float(), vectors.float().T).log_softmax(-1)
+            log_probs = torch.addmm(bias.float(), state.extra["ctx"].float(), vectors.float().T).log_softmax(-1)
+            if self.parity_log_probs is None:
+                return log_probs
+            # model.known_parity: data pattern d's mass split between parity bits 0 and 1 (index 2 d + bit)
+            return (log_probs[..., None] + self.parity_log_probs).flatten(-2)
         scores = torch.addmm(bias[:n].float(), state.extra["ctx"].float(), vectors[:n].float().T)  # (B, n_tree)
         log_one = torch.nn.functional.logsigmoid(scores)
         branch = torch.cat([log_one - scores, log_one], dim=-1)  # logsigmoid(-s) = logsigmoid(s) - s
@@ -419,9 +435,10 @@ class PatchedBody(nn.Module):
         # byte_softmax: the joint and its tree masses once per byte, read by each of its bits
         if "masses" not in state.extra:
             vectors, bias = self._decoding_table(state)
-            masses = _tree_masses(torch.nn.functional.linear(state.extra["ctx"], vectors, bias))
+            masses = tree_masses(torch.nn.functional.linear(state.extra["ctx"], vectors, bias))
             state.extra = {**state.extra, "masses": masses}
-        score = _path_scores(state.extra["masses"], self._path_nodes(prefix, phase)).to(state.extra["ctx"].dtype)
+        score = self._joint_node_scores(state.extra["masses"], self._path_nodes(prefix, phase), phase)
+        score = score.to(state.extra["ctx"].dtype)
         return torch.stack([torch.zeros_like(score), score], dim=-1)[:, 0]
 
     def _decoding_table(self, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor]:

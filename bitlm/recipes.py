@@ -32,6 +32,7 @@ ARCH_RECIPES: dict[str, dict[str, tuple[str, ...]]] = {
             "model.local_d_ff=0",           # the nodes read the normed global state, as the byte head does
             "model.byte_table=true",        # the encoder adds a learned vector per whole byte
             "model.byte_softmax=true",      # every bit read from one softmax over the byte's patterns
+            "model.known_parity=true",      # that softmax over the 256 data patterns; the parity bit certain
         ),
     },
 }

@@ -14,7 +14,7 @@ NON_DEFAULT_MODEL = ModelConfig(representation="byte", d_model=96, n_heads=3, n_
                                 act_threshold=0.5, local_d_ff=96, local_layers=2, n_streams=2,
                                 norm="rms", mlp="swiglu", qk_norm=True, position_encoding="rotary",
                                 zero_init_residual=True, zero_init_head=True, input_conv=3,
-                                tree_shared_bits=True, byte_table=True, byte_softmax=True)
+                                tree_shared_bits=True, byte_table=True, byte_softmax=True, known_parity=True)
 NON_DEFAULT_TRAIN = TrainConfig(seed=7, batch_size=3, context_bytes=17, grad_accum_steps=2, max_steps=11,
                                 max_seconds=12.5, lr=1.5e-4, min_lr_ratio=0.0, weight_decay=0.0, beta1=0.8,
                                 beta2=0.99, warmup_steps=0, schedule="onecycle", grad_clip=0.0, precision="bf16",

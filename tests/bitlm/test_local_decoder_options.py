@@ -1,7 +1,8 @@
 """The patched model's encoder and local-decoder options: model.tree_shared_bits (tree nodes that
 share per-(phase, earlier bit) vectors across bytes), model.local_d_ff=0 (the nodes read the global
 state), model.byte_table (a learned vector per whole byte pattern in the encoder) and
-model.byte_softmax (the bits' conditionals read from one softmax over the byte's patterns)."""
+model.byte_softmax (the bits' conditionals read from one softmax over the byte's patterns) and
+model.known_parity (that softmax over the data patterns only, the parity bit's logit fixed)."""
 
 import copy
 import dataclasses
@@ -24,7 +25,10 @@ OPTIONS = {"shared": {}, "no_projection": {"tree_shared_bits": False, "local_d_f
            "all": {"local_d_ff": 0, "byte_table": True}, "no_projection_local_mlp": {"local_d_ff": 0, "n_local_layers": 1},
            "softmax": {"tree_shared_bits": False, "byte_softmax": True}, "softmax_shared": {"byte_softmax": True},
            "softmax_no_projection_table": {"tree_shared_bits": False, "byte_softmax": True, "local_d_ff": 0,
-                                           "byte_table": True}}
+                                           "byte_table": True},
+           "softmax_known_parity": {"tree_shared_bits": False, "byte_softmax": True, "known_parity": True},
+           "softmax_known_parity_shared_table": {"byte_softmax": True, "known_parity": True, "local_d_ff": 0,
+                                                 "byte_table": True}}
 
 
 def make(seed=0, trained=True, **changes) -> BitTransformerLM:
@@ -200,7 +204,7 @@ def test_with_byte_softmax_each_pattern_adds_the_shared_vector_of_each_of_its_bi
 
 
 def test_tree_masses_of_a_joint_match_logsumexp_even_for_extreme_logits():
-    from bitlm.patched import _log_ratio, _tree_masses
+    from bitlm.pattern_joint import log_ratio as _log_ratio, tree_masses as _tree_masses
 
     logits = torch.randn(3, 512, dtype=torch.float64) * 4
     logits[1, :256] -= 200.0  # a half of the tree beyond float32's range: clamped, never inf or nan
@@ -232,3 +236,54 @@ def test_a_diffusion_model_trains_with_the_tuned_recipes_patched_options():
     assert model.body.shared_vectors.abs().sum() > 0 and model.body.byte_table.abs().sum() > 0
     assert losses[-1] < losses[0]
     assert len(diffusion_sample(model.eval(), "To be", 8, steps=4, seed=0).new_bytes) == 8
+
+
+def test_known_parity_scores_the_data_patterns_and_makes_the_parity_bit_certain():
+    from bitlm.codec import bytes_to_bit_tensor
+
+    model = make(tree_shared_bits=False, byte_softmax=True, known_parity=True)
+    body = model.body
+    assert body.pattern_vectors.num_embeddings == 256  # the byte model's head width
+    x = bytes_to_bit_tensor(torch.tensor([list(b"Parity!"), list(b"\x00\xff\x80ab~\x7f")], dtype=torch.uint8))
+    ctx = body(x, causal=True, readout=False)[0]
+    joint = (ctx @ body.pattern_vectors.weight.T + body.pattern_bias.weight[:, 0]).log_softmax(-1)  # (2, 8, 256)
+    log_probs = model(x, causal=True)[0].float().log_softmax(-1)
+    bits = x.view(2, 7, 9)
+    for row in range(2):
+        for i in range(1, 7):
+            data = int((bits[row, i, :8] * 2 ** torch.arange(7, -1, -1)).sum())
+            per_bit = log_probs[row, 9 * i - 1:9 * i + 8].gather(-1, bits[row, i, :, None])[:, 0]
+            # the 8 data bits multiply to the 256-way softmax; the (right) parity bit costs nothing
+            torch.testing.assert_close(per_bit[:8].sum(), joint[row, i, data], atol=1e-5, rtol=1e-5)
+            assert per_bit[8] > -1e-6
+    # a wrong parity bit is possible but costs 30 nats, finite
+    wrong = x.clone()
+    wrong[0, 9 * 3 + 8] ^= 1
+    cost = -model(wrong, causal=True)[0].float().log_softmax(-1)[0, 9 * 3 + 7, int(wrong[0, 9 * 3 + 8])]
+    torch.testing.assert_close(cost, torch.tensor(30.0), atol=1e-3, rtol=0)
+
+
+def test_known_parity_acts_only_with_the_byte_softmax_of_a_causal_model_with_parity_bits():
+    assert make(known_parity=True).body.pattern_vectors is None  # the tree: nothing changes
+    assert make(byte_softmax=True, known_parity=True, causal=False).body.pattern_vectors is None
+    no_parity = make(byte_softmax=True, known_parity=True, parity=False).body
+    assert no_parity.pattern_vectors.num_embeddings == 256 and no_parity.parity_scores is None
+    x = random_bits(bpb=8)
+    torch.testing.assert_close(make(byte_softmax=True, known_parity=True, parity=False)(x, causal=True)[0],
+                               make(byte_softmax=True, parity=False)(x, causal=True)[0])
+
+
+def test_training_with_known_parity_lowers_the_loss_and_moves_the_shared_vectors():
+    torch.manual_seed(0)
+    model = BitTransformerLM(dataclasses.replace(CFG, byte_softmax=True, known_parity=True)).train()
+    opt = build_optimizer(model, TrainConfig(lr=3e-3))
+    batch = torch.tensor([list(b"To be, or not to be: that is")[:16]] * 4, dtype=torch.uint8)
+    losses = []
+    for _ in range(30):
+        out = batch_loss(model, batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    assert model.body.shared_vectors.abs().sum() > 0
+    assert losses[-1] < 0.5 * losses[0]

@@ -38,10 +38,11 @@ def test_set_overrides_win_over_the_recipe():
 def test_the_patched_models_own_options_go_to_it_alone():
     patched = build_experiment("tiny", "patched", None, (), None, None).model
     assert patched.tree_shared_bits and patched.byte_table and patched.byte_softmax and patched.local_d_ff == 0
+    assert patched.known_parity
     for kind in ("byte", "flat"):
         # the other models keep the dataclass defaults of options they do not have
         model = build_experiment("tiny", kind, None, (), None, None).model
-        assert not (model.tree_shared_bits or model.byte_table or model.byte_softmax)
+        assert not (model.tree_shared_bits or model.byte_table or model.byte_softmax or model.known_parity)
         assert model.local_d_ff == ModelConfig().local_d_ff
         assert model.input_conv == 4  # while the common part of the recipe still applies
     assert not any("tree_shared_bits" in a for a in recipe_overrides("tuned"))
