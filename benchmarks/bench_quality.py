@@ -9,6 +9,10 @@ their curve files be drawn as one figure afterwards:
     python bench_quality.py --models byte --threads 1 --curves results/curves_byte.json &
     python bench_quality.py --models patched --threads 1 --curves results/curves_patched.json
     python bench_quality.py --merge results/curves_byte.json results/curves_patched.json
+
+--steps N trains every model for N optimizer steps instead (the schedule then follows steps): a
+fixed-time race measures quality per second and carries the step count's run-to-run noise, a
+fixed-step one measures quality per step, whatever each step cost.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ EVAL_EVERY_10_MIN = {"byte": 700, "patched": 450, "flat": 80}
 
 def race(name: str, corpus: Corpus, args) -> dict:
     model_cfg = apply_overrides(contender_config(name, args.preset, args.context_bytes), args.set_model.get(name, []))
+    if args.steps:  # the same steps for every model: the schedule follows steps, the curve ~12 points
+        budget = {"max_steps": args.steps, "max_seconds": None, "eval_every": max(10, args.steps // 12)}
+    else:
+        budget = {"max_steps": 10_000_000, "max_seconds": args.minutes * 60,
+                  "eval_every": max(10, int(EVAL_EVERY_10_MIN[name] * args.minutes / 10))}
     train_cfg = TrainConfig(batch_size=args.batch_size, context_bytes=args.context_bytes, lr=args.lr,
-                            max_steps=10_000_000, max_seconds=args.minutes * 60, warmup_steps=args.warmup_steps,
-                            eval_every=max(10, int(EVAL_EVERY_10_MIN[name] * args.minutes / 10)), eval_batches=10,
-                            log_every=100, seed=0)
+                            warmup_steps=args.warmup_steps, eval_batches=10, log_every=100, seed=0, **budget)
     exp = apply_overrides(ExperimentConfig(model=model_cfg, train=train_cfg), args.set)  # a recipe (bench_recipe.py)
     model_cfg, train_cfg = exp.model, exp.train
     torch.manual_seed(0)
@@ -82,6 +89,8 @@ def plot(results: list[dict], refs: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, help="train every model for this many optimizer steps instead of "
+                        "--minutes (equal steps: per-step quality, without the run-to-run noise of a time budget)")
     parser.add_argument("--models", default=",".join(CONTENDERS))
     parser.add_argument("--set-model", action="append", default=[], metavar="MODEL:KEY=VALUE",
                         help="a ModelConfig override for one contender, e.g. patched:local_d_ff=512")
@@ -121,7 +130,8 @@ def main() -> None:
     for name in args.models.split(","):
         r = race(name, corpus, args)
         results.append(r)
-        emit({"bench": "quality_race", "minutes": args.minutes, "preset": args.preset,
+        emit({"bench": "quality_race", "minutes": None if args.steps else args.minutes, "fixed_steps": args.steps,
+              "preset": args.preset,
               "context_bytes": args.context_bytes, "batch_size": args.batch_size,
               "sets": args.set, "model_sets": args.set_model.get(name, [])}
              | {k: v for k, v in r.items() if k not in ("curve", "model_config", "train_config")}, args.out)

@@ -48,7 +48,9 @@ def train_flops_per_row(model: nn.Module, context_bytes: int) -> dict[str, float
              "attention": 12.0 * cfg.n_layers * cfg.d_model * n_positions * n_positions,
              "local_decoder": 0.0}
     if cfg.arch == "patched" and cfg.representation == "bit":
-        # model.byte_softmax scores every pattern of the byte (2^bpb of them) instead of bpb tree nodes
-        scored = 2 ** cfg.bits_per_byte if (cfg.byte_softmax and cfg.causal) else cfg.bits_per_byte
+        # model.byte_softmax scores every pattern of the byte (2^bpb of them, the 2^8 data patterns with
+        # model.known_parity) instead of bpb tree nodes
+        patterns = model.body.pattern_vectors
+        scored = patterns.num_embeddings if patterns is not None else cfg.bits_per_byte
         parts["local_decoder"] = 6.0 * (cfg.local_d_ff or cfg.d_model) * scored * context_bytes
     return parts

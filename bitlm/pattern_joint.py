@@ -9,8 +9,8 @@ has index 2^j - 1 + p, and its two children's masses sit at 2n and 2n + 1 of `tr
 Training reads the n nodes on each byte's own path, and `joint_path_scores` does that with a
 hand-written backward: the gradient of each score reaches only the patterns below its node, so it
 flows down the tree level by level, a few small scatters and one pass over the patterns, instead
-of autograd's record of every level's sums and their concatenation (about 2x faster on CPU for
-the 512 patterns of a byte with parity; the same values and gradients, tested).
+of autograd's record of every level's sums and their concatenation (the same values and
+gradients, tested; benchmarks/bench_readout.py times the readout both ways).
 """
 
 from __future__ import annotations

@@ -131,9 +131,10 @@ def test_two_pipeline_stages_compute_the_full_models_logits(option):
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())  # the shared tensors live in the last
 
 
-def test_training_moves_the_shared_vectors_and_lowers_the_loss():
+@pytest.mark.parametrize("changes", [{}, {"byte_softmax": True, "known_parity": True}], ids=["tree", "known_parity"])
+def test_training_moves_the_shared_vectors_and_lowers_the_loss(changes):
     torch.manual_seed(0)
-    model = BitTransformerLM(CFG).train()
+    model = BitTransformerLM(dataclasses.replace(CFG, **changes)).train()
     opt = build_optimizer(model, TrainConfig(lr=3e-3))
     batch = torch.tensor([list(b"To be, or not to be: that is") [:16]] * 4, dtype=torch.uint8)
     losses = []
@@ -271,19 +272,3 @@ def test_known_parity_acts_only_with_the_byte_softmax_of_a_causal_model_with_par
     x = random_bits(bpb=8)
     torch.testing.assert_close(make(byte_softmax=True, known_parity=True, parity=False)(x, causal=True)[0],
                                make(byte_softmax=True, parity=False)(x, causal=True)[0])
-
-
-def test_training_with_known_parity_lowers_the_loss_and_moves_the_shared_vectors():
-    torch.manual_seed(0)
-    model = BitTransformerLM(dataclasses.replace(CFG, byte_softmax=True, known_parity=True)).train()
-    opt = build_optimizer(model, TrainConfig(lr=3e-3))
-    batch = torch.tensor([list(b"To be, or not to be: that is")[:16]] * 4, dtype=torch.uint8)
-    losses = []
-    for _ in range(30):
-        out = batch_loss(model, batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(out.loss.detach()))
-    assert model.body.shared_vectors.abs().sum() > 0
-    assert losses[-1] < 0.5 * losses[0]
