@@ -122,9 +122,10 @@ class PatchedBody(nn.Module):
         self.to_local = nn.Sequential(*projection,
                                       *(_ResidualMLP(hidden, 2 * hidden, cfg.norm) for _ in range(cfg.n_local_layers)))
         n_tree = 2 ** bpb - 1  # nodes (j, prefix value) for j < bpb; then one per phase for non-causal mode
+        byte_softmax = cfg.byte_softmax and cfg.causal
         # bits the byte softmax scores: all of them, or with model.known_parity the data bits only
-        self.joint_bits = bpb - 1 if cfg.known_parity and cfg.parity else bpb
-        if cfg.byte_softmax and cfg.causal:
+        self.joint_bits = bpb - 1 if byte_softmax and cfg.known_parity and cfg.parity else bpb
+        if byte_softmax:
             # model.byte_softmax: one logit per whole pattern; the tree's node scores are read from that
             # joint (bitlm.pattern_joint), as the byte model's head scores its 256 bytes
             n_patterns = 2 ** self.joint_bits
@@ -134,7 +135,7 @@ class PatchedBody(nn.Module):
             self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
             self.node_bias = nn.Embedding(n_tree + bpb, 1)
             self.pattern_vectors = self.pattern_bias = None
-        if self.joint_bits < bpb and self.pattern_vectors is not None:
+        if self.joint_bits < bpb:
             # the parity bit's logit given the data bits d (the last phase's prefix): +-_PARITY_SCORE, certain
             # in float32; (2^8, 2) log-probabilities of parity bit 0 and 1 for byte-at-once sampling
             parity = torch.tensor([bin(d).count("1") % 2 for d in range(2 ** self.joint_bits)])  # even parity

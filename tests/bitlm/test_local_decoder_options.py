@@ -222,8 +222,8 @@ def test_tree_masses_of_a_joint_match_logsumexp_even_for_extreme_logits():
 def test_a_diffusion_model_trains_with_the_tuned_recipes_patched_options():
     from bitlm.diffusion import diffusion_batch_loss, diffusion_sample
 
-    # byte_softmax is ignored there (a non-causal model keeps its tree); the other three act
-    model = make(trained=False, causal=False, local_d_ff=0, byte_table=True, byte_softmax=True).train()
+    # byte_softmax and known_parity are ignored there (a non-causal model keeps its tree); the other three act
+    model = make(trained=False, causal=False, local_d_ff=0, byte_table=True, byte_softmax=True, known_parity=True).train()
     opt = build_optimizer(model, TrainConfig(lr=3e-3))
     batch = torch.tensor([list(b"To be, or not to be: that is")[:16]] * 4, dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
@@ -266,7 +266,8 @@ def test_known_parity_scores_the_data_patterns_and_makes_the_parity_bit_certain(
 
 def test_known_parity_acts_only_with_the_byte_softmax_of_a_causal_model_with_parity_bits():
     assert make(known_parity=True).body.pattern_vectors is None  # the tree: nothing changes
-    assert make(byte_softmax=True, known_parity=True, causal=False).body.pattern_vectors is None
+    noncausal = make(byte_softmax=True, known_parity=True, causal=False).body
+    assert noncausal.pattern_vectors is None and noncausal.joint_bits == 9 and noncausal.parity_scores is None
     no_parity = make(byte_softmax=True, known_parity=True, parity=False).body
     assert no_parity.pattern_vectors.num_embeddings == 256 and no_parity.parity_scores is None
     x = random_bits(bpb=8)
