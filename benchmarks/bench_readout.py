@@ -81,8 +81,8 @@ def main() -> None:
     batch = next(corpus.train.random_batches(args.batch_size, args.context_bytes, seed=0))
     ms = {}
     for name, (kind, sets) in CONTENDERS.items():
-        cfg: ModelConfig = apply_overrides(ExperimentConfig(model=contender_config(kind, args.preset, args.context_bytes)),
-                                           sets).model
+        plain = ExperimentConfig(model=contender_config(kind, args.preset, args.context_bytes))
+        cfg: ModelConfig = apply_overrides(plain, sets).model
         torch.manual_seed(0)
         model = BitTransformerLM(cfg).train()
         ids = model_inputs(model, batch)

@@ -150,7 +150,8 @@ class PatchedBody(nn.Module):
             # node (j, p) also reads sum_{m<j} S[j, m, bit m of p]: features shared by every byte whose
             # bit m has that value (upper- and lower-case letters share all but the case bit's); with
             # byte_softmax pattern v reads sum_m S[m, bit m of v]; zero at the start, so the plain model
-            membership = _shared_membership(bpb) if self.pattern_vectors is None else _pattern_membership(self.joint_bits)
+            membership = (_shared_membership(bpb) if self.pattern_vectors is None
+                          else _pattern_membership(self.joint_bits))
             self.shared_vectors = nn.Parameter(torch.zeros(membership.shape[1], hidden))
             self.shared_bias = nn.Parameter(torch.zeros(membership.shape[1]))
             self.register_buffer("shared_membership", membership, persistent=False)

@@ -223,7 +223,8 @@ def test_a_diffusion_model_trains_with_the_tuned_recipes_patched_options():
     from bitlm.diffusion import diffusion_batch_loss, diffusion_sample
 
     # byte_softmax and known_parity are ignored there (a non-causal model keeps its tree); the other three act
-    model = make(trained=False, causal=False, local_d_ff=0, byte_table=True, byte_softmax=True, known_parity=True).train()
+    model = make(trained=False, causal=False, local_d_ff=0, byte_table=True, byte_softmax=True,
+                 known_parity=True).train()
     opt = build_optimizer(model, TrainConfig(lr=3e-3))
     batch = torch.tensor([list(b"To be, or not to be: that is")[:16]] * 4, dtype=torch.uint8)
     generator = torch.Generator().manual_seed(0)
