@@ -44,7 +44,8 @@ from .attention import DecodeState, KVCache, sinusoidal_table
 from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
 from .input_conv import InputConv
-from .pattern_joint import joint_path_scores, path_scores, tree_masses
+from .pattern_joint import (bits_of_patterns, byte_path_scores, known_parity_tables, path_scores,
+                            pattern_membership, tree_masses)
 
 
 class _ResidualMLP(nn.Module):
@@ -61,9 +62,6 @@ class _ResidualMLP(nn.Module):
 _DENSE_PHASES = 8  # bit phases whose tree nodes the training readout scores with one matmul (255 nodes)
 _ENCODE_DISTINCT_FROM = 64  # byte positions in a call from which encode_bytes encodes distinct patterns once
 _NEIGHBOUR_KERNEL = 9  # bytes each side + 1 that the non-causal input convolution reads (best of 3, 5, 9)
-# model.known_parity: the parity bit's logit; p(wrong parity) = e^-30, below float32's step at 1, and a
-# wrong parity bit in the input costs 30 nats (the bpb counts it) instead of an inf
-_PARITY_SCORE = 30.0
 
 
 def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
@@ -82,14 +80,6 @@ def _shared_membership(bpb: int) -> torch.Tensor:
             for m in range(j):
                 bit = (p >> (j - 1 - m)) & 1  # prefix bits MSB first
                 membership[2 ** j - 1 + p, 2 * (j * bpb + m) + bit] = 1.0
-    return membership
-
-
-def _pattern_membership(bpb: int) -> torch.Tensor:
-    """(2^bpb, 2 bpb) 0/1: row v marks the shared terms (m, bit m of v) of pattern v (model.byte_softmax)."""
-    bits = (torch.arange(2 ** bpb)[:, None] >> (bpb - 1 - torch.arange(bpb))) & 1  # MSB first
-    membership = torch.zeros(2 ** bpb, 2 * bpb)
-    membership.scatter_(1, 2 * torch.arange(bpb) + bits, 1.0)
     return membership
 
 
@@ -135,14 +125,10 @@ class PatchedBody(nn.Module):
             self.node_vectors = nn.Embedding(n_tree + bpb, hidden)
             self.node_bias = nn.Embedding(n_tree + bpb, 1)
             self.pattern_vectors = self.pattern_bias = None
-        if self.joint_bits < bpb:
-            # the parity bit's logit given the data bits d (the last phase's prefix): +-_PARITY_SCORE, certain
-            # in float32; (2^8, 2) log-probabilities of parity bit 0 and 1 for byte-at-once sampling
-            parity = torch.tensor([bin(d).count("1") % 2 for d in range(2 ** self.joint_bits)])  # even parity
-            scores = _PARITY_SCORE * (2.0 * parity - 1.0)
+        if self.joint_bits < bpb:  # the parity bit's logit given the data bits (the last phase's prefix)
+            scores, log_probs = known_parity_tables()
             self.register_buffer("parity_scores", scores, persistent=False)
-            self.register_buffer("parity_log_probs", torch.nn.functional.logsigmoid(
-                torch.stack([-scores, scores], dim=-1)), persistent=False)
+            self.register_buffer("parity_log_probs", log_probs, persistent=False)
         else:
             self.parity_scores = self.parity_log_probs = None
         self.register_buffer("tree_base", 2 ** torch.arange(bpb) - 1, persistent=False)
@@ -151,7 +137,7 @@ class PatchedBody(nn.Module):
             # bit m has that value (upper- and lower-case letters share all but the case bit's); with
             # byte_softmax pattern v reads sum_m S[m, bit m of v]; zero at the start, so the plain model
             membership = (_shared_membership(bpb) if self.pattern_vectors is None
-                          else _pattern_membership(self.joint_bits))
+                          else pattern_membership(self.joint_bits))
             self.shared_vectors = nn.Parameter(torch.zeros(membership.shape[1], hidden))
             self.shared_bias = nn.Parameter(torch.zeros(membership.shape[1]))
             self.register_buffer("shared_membership", membership, persistent=False)
@@ -167,7 +153,7 @@ class PatchedBody(nn.Module):
         # byte-at-once sampling: pattern v's bits (MSB first), and for each of its bpb path steps the
         # index into [logsigmoid(-s), logsigmoid(s)] (length 2 n_tree) that its bit takes there
         patterns = torch.arange(2 ** bpb)
-        pattern_bits = (patterns[:, None] >> (bpb - 1 - torch.arange(bpb))) & 1  # (2^bpb, bpb)
+        pattern_bits = bits_of_patterns(bpb)  # (2^bpb, bpb)
         path_nodes = (2 ** torch.arange(bpb) - 1) + (patterns[:, None] >> (bpb - torch.arange(bpb)))
         self.register_buffer("pattern_bits", pattern_bits, persistent=False)
         self.register_buffer("path_index", (path_nodes + n_tree * pattern_bits).flatten(), persistent=False)
@@ -244,8 +230,8 @@ class PatchedBody(nn.Module):
         nodes = self._path_nodes(bits, phases)
         if self.pattern_vectors is not None:  # the byte's joint, then the masses below its path's nodes
             joint = torch.nn.functional.linear(ctx, vectors, bias)
-            if phases.shape[0] == self.bits_per_byte:
-                score = self._joint_path_scores(joint, nodes)
+            if phases.shape[0] == self.bits_per_byte:  # training, scoring: the last phase's prefix is the byte's path
+                score = byte_path_scores(joint, nodes[..., -1] - self.tree_base[-1], self.parity_scores)
             else:
                 score = self._joint_node_scores(tree_masses(joint), nodes, phases)
             score = score.to(ctx.dtype)
@@ -262,14 +248,6 @@ class PatchedBody(nn.Module):
         else:  # bit-by-bit decoding: one node per row
             score = _node_scores(vectors, bias, ctx, nodes)
         return torch.stack([torch.zeros_like(score), score], dim=-1)
-
-    def _joint_path_scores(self, joint: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """(..., bpb) scores of every phase's node on the path `nodes` (..., bpb) of each byte, read from
-        its (..., 2^joint_bits) pattern logits (model.byte_softmax; training and scoring)."""
-        last = nodes[..., -1] - self.tree_base[-1]  # the byte's first bpb - 1 bits, the last phase's prefix
-        if self.parity_scores is None:
-            return joint_path_scores(joint, last * 2)
-        return torch.cat([joint_path_scores(joint, last), self.parity_scores[last][..., None]], dim=-1)
 
     def _joint_node_scores(self, masses: torch.Tensor, nodes: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
         """(..., n_phases) scores of the given phases' nodes from the joint's tree masses (tree_masses);

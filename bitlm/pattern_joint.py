@@ -17,7 +17,32 @@ from __future__ import annotations
 
 import torch
 
+from .codec import bit_table
+
 TINY = torch.finfo(torch.float32).tiny  # masses below it are clamped: a score is then about +-87, not inf
+# model.known_parity: the parity bit's logit; p(wrong parity) = e^-30, below float32's step at 1, and a
+# wrong parity bit in the input costs 30 nats (the bpb counts it) instead of an inf
+PARITY_SCORE = 30.0
+
+
+def bits_of_patterns(n: int) -> torch.Tensor:
+    """(2^n, n) the bits of every pattern, MSB first (row v: pattern v)."""
+    return (torch.arange(2 ** n)[:, None] >> (n - 1 - torch.arange(n))) & 1
+
+
+def pattern_membership(n: int) -> torch.Tensor:
+    """(2^n, 2 n) 0/1: row v marks the shared terms (m, bit m of v) of pattern v (model.tree_shared_bits
+    with model.byte_softmax: each pattern's vector adds one shared vector per (bit, its value))."""
+    membership = torch.zeros(2 ** n, 2 * n)
+    membership.scatter_(1, 2 * torch.arange(n) + bits_of_patterns(n), 1.0)
+    return membership
+
+
+def known_parity_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """model.known_parity: (256,) the parity bit's logit given each data byte, +-PARITY_SCORE by the
+    codec's even parity, and (256, 2) the log-probabilities of parity bit 0 and 1 (byte-at-once sampling)."""
+    scores = PARITY_SCORE * (2.0 * bit_table(parity=True)[:, -1] - 1.0)
+    return scores, torch.nn.functional.logsigmoid(torch.stack([-scores, scores], dim=-1))
 
 
 def tree_masses(pattern_logits: torch.Tensor) -> torch.Tensor:
@@ -53,6 +78,15 @@ def joint_path_scores(pattern_logits: torch.Tensor, values: torch.Tensor) -> tor
     Equal to path_scores(tree_masses(logits), the path's nodes), gradients included.
     """
     return _JointPathScores.apply(pattern_logits, values)
+
+
+def byte_path_scores(joint: torch.Tensor, prefix: torch.Tensor, parity_scores=None) -> torch.Tensor:
+    """(..., bpb) scores of every bit of each byte down its own path: from (..., 2^bpb) pattern logits,
+    or with model.known_parity's `parity_scores` (known_parity_tables) from (..., 2^8) data-pattern logits
+    and then the parity bit's fixed score. `prefix` (...,) is the value of the byte's first bpb - 1 bits."""
+    if parity_scores is None:
+        return joint_path_scores(joint, prefix * 2)
+    return torch.cat([joint_path_scores(joint, prefix), parity_scores[prefix][..., None]], dim=-1)
 
 
 def _pair_sums(x: torch.Tensor) -> torch.Tensor:
