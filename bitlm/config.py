@@ -123,6 +123,11 @@ class ModelConfig:
         return self.max_positions * self.ids_per_byte // self.positions_per_byte
 
     @property
+    def context_bytes(self) -> int:
+        """Longest text one forward accepts, in bytes."""
+        return self.max_input_ids // self.ids_per_byte
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
@@ -359,7 +364,7 @@ class ExperimentConfig:
         check_fields(self, "")
         # engine.fit refuses the same at start-up; scaling's context expansions later grow
         # max_positions and context_bytes together, so the start has to fit with or without scaling
-        max_bytes = self.model.max_input_ids // self.model.ids_per_byte
+        max_bytes = self.model.context_bytes
         check(self.train.context_bytes <= max_bytes, "train.context_bytes",
                f"must be <= {max_bytes}, the model's context in bytes (model.max_positions={self.model.max_positions}), "
                f"got {self.train.context_bytes}")

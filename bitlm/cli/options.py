@@ -10,25 +10,34 @@ from typing import Optional
 
 import click
 
-from ..config import MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, apply_overrides, from_dict
+from ..config import (MODEL_KINDS, ExperimentConfig, ModelConfig, NoiseSchedule, Preset, TrainConfig, apply_overrides,
+                      from_dict)
 from ..recipes import ARCH_RECIPES, DEFAULT_RECIPE, RECIPES, recipe_overrides
+from ..renames import current_key
 
 DEFAULT_KIND = "patched"  # best bits per byte per second of the three (BENCHMARKS.md, quality race)
 
 
 def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: tuple[str, ...],
                      minutes: Optional[float], steps: Optional[int], *, cls: type = ExperimentConfig,
-                     defaults: tuple[str, ...] = (), recipe: str = DEFAULT_RECIPE):
+                     defaults: tuple[str, ...] = (), recipe: str = DEFAULT_RECIPE,
+                     data_dir: Optional[str] = None):
     """Preset of a kind + recipe (or JSON file) -> `defaults` -> --minutes/--steps -> --set, in that order.
 
     `cls` is ExperimentConfig for local runs, or pipelines.train.PipelineConfig (adds `run`) for Ray runs.
-    A --config file is a whole experiment: no recipe is applied to it.
+    A --config file is a whole experiment: no recipe is applied to it. Without a --config and without
+    an assignment to train.context_bytes, training runs at the model's own context (the one it is
+    scored and sampled at), cut to the window of the corpus at `data_dir` when that is shorter.
     """
+    at_model_context = not config_file and not _assigns("train.context_bytes", tuple(defaults) + tuple(sets))
     try:
         if config_file:
             cfg = config_from_file(cls, config_file)
         else:
-            base = cls(model=ModelConfig.from_name(preset, kind=kind))
+            # at the model's context: a placeholder of 2 bytes (the least) fits whatever max_positions --set
+            # gives, and is replaced below once the model is known
+            train = TrainConfig(context_bytes=2) if at_model_context else TrainConfig()
+            base = cls(model=ModelConfig.from_name(preset, kind=kind), train=train)
             # the strategy picks the recipe's fallbacks (FSDP2 cannot run Muon) and the architecture its own
             # options: read both from the config that the later assignments make, so old key names
             # (run.strategy) count too
@@ -40,9 +49,38 @@ def build_experiment(preset: str, kind: str, config_file: Optional[str], sets: t
                 cfg.train, max_seconds=minutes * 60.0, max_steps=steps or 10_000_000))
         elif steps is not None:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps))
-        return apply_overrides(cfg, sets)
+        cfg = apply_overrides(cfg, sets)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    return _at_model_context(cfg, corpus_window(data_dir) if data_dir else None) if at_model_context else cfg
+
+
+def corpus_window(data_dir) -> int:
+    """The window in bytes of the prepared corpus at `data_dir` (--data); a bad --data is a usage error."""
+    from ..data import read_manifest
+
+    try:
+        return read_manifest(Path(data_dir))["window_bytes"]
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(str(err), param_hint="--data") from None
+
+
+def _assigns(key: str, assignments: tuple[str, ...]) -> bool:
+    return any(current_key(item.split("=", 1)[0].strip()) == key for item in assignments)
+
+
+def _at_model_context(cfg, window: Optional[int]):
+    """`cfg` training at its model's context, or at the corpus's shorter windows (said on stderr).
+
+    Why not TrainConfig's 64 bytes: a model trained on windows shorter than its context scores worse at
+    that context than one trained on it with a third of the steps (BENCHMARKS.md, "The demo").
+    """
+    context = cfg.model.context_bytes
+    if window is not None and window < context:
+        click.echo(f"training at {window}-byte windows, the corpus's (the model takes {context} bytes; "
+                   "prepare with a larger --window-bytes to train at the full context)", err=True)
+        context = window
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, context_bytes=context))
 
 
 def config_from_file(cls: type, path: str):

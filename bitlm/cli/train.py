@@ -12,12 +12,13 @@ from pathlib import Path
 
 import click
 
-from ..config import MODEL_PRESETS, StrategyName
+from ..config import StrategyName
 from . import loading
 from .corpus import open_corpus
 
 RAY_STRATEGIES = [s for s in typing.get_args(StrategyName) if s != "single"]  # a Ray run has 2+ workers
-from .options import DEFAULT_KIND, build_experiment, diffusion_options, diffusion_sets, model_options
+from .options import (DEFAULT_KIND, build_experiment, corpus_window, diffusion_options, diffusion_sets,
+                      model_options)
 
 
 def run_local_training(cfg, data_dir: Path, out: Path, *, resume: bool, device, progress: bool,
@@ -171,7 +172,8 @@ def train_command(local, data_dir, out_dir, preset, kind, recipe, config_file, s
     By default the run goes through Ray Train (a local Ray, or --address) with MLflow tracking
     (MLFLOW_TRACKING_URI, default sqlite:///<cwd>/mlflow.db; browse with `bitlm ui`); the final
     model lands in <out>/model and in MLflow. --local trains in this process instead. Validation
-    bits-per-byte and K/C/S are reported at every evaluation; re-run the same command to resume
+    bits-per-byte and K/C/S are reported at every evaluation. Training runs at the model's context
+    (cut to the corpus's windows) unless train.context_bytes is set. Re-run the same command to resume
     (on the same corpus: a resume on another one is refused). --no-resume starts over, removing
     only what an earlier run wrote in --out; an --out holding other files, the corpus or the
     working directory is refused.
@@ -184,7 +186,8 @@ def train_command(local, data_dir, out_dir, preset, kind, recipe, config_file, s
         collapse = _collapse_plan(diffusion, collapse_student, collapse_floors, collapse_steps, local, device, workers,
                                   strategy, address, data_dir, out)
     if local:
-        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps, recipe=recipe)
+        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps, recipe=recipe,
+                               data_dir=data_dir)
         _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
                                           progress=sys.stderr.isatty(), verify_data=verify_data)
         click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "
@@ -201,8 +204,8 @@ def train_command(local, data_dir, out_dir, preset, kind, recipe, config_file, s
     run += ["run.use_gpu=true"] if gpu else []
     run += [] if verify_data else ["run.verify_data=false"]
     cfg = build_experiment(preset, kind, config_file, tuple(run) + sets, minutes, steps, cls=PipelineConfig,
-                           recipe=recipe)
-    _read_manifest(Path(data_dir))  # a bad --data fails before an earlier run is cleared
+                           recipe=recipe, data_dir=data_dir)
+    corpus_window(data_dir)  # a bad --data fails before an earlier run is cleared
     # Ray Train resumes whatever run sits at the same name and storage path: a fresh run clears it
     # (the driver checks the shards and, on a resume, that the corpus is the run's)
     prepare_out(out, Path(data_dir), fresh=not resume)
@@ -237,15 +240,6 @@ def _collapse_plan(diffusion, student, floors, steps, local, device, workers, st
                    floors_text=floors, local=local, out_dir=str(out / "distilled"), steps=steps, device=device,
                    allowed_roots=(str(out.resolve()),), **ray_options)
     return run
-
-
-def _read_manifest(data_dir: Path) -> dict:
-    from ..data import read_manifest
-
-    try:
-        return read_manifest(data_dir)
-    except (OSError, ValueError) as err:
-        raise click.BadParameter(str(err), param_hint="--data") from None
 
 
 def run_ray_training(cfg, address):
@@ -287,14 +281,12 @@ def demo_command(out_dir, minutes, max_corpus_bytes):
         click.echo(f"preparing up to {max_corpus_bytes:,} bytes of Python standard-library sources ...")
         prepare_corpus(None, data_dir, max_bytes=max_corpus_bytes, progress=True)
     run_dir = prepare_out(out / "run", data_dir, fresh=True)  # a demo is a fresh run, never a resumed one
-    # Trained at the preset's own context, the one it is scored at: the small model trained on the
-    # default 64-byte windows scores 2.36 bpb here, on its 256-byte ones 1.95 (BENCHMARKS.md, "The demo")
-    context_bytes = MODEL_PRESETS[DEMO_PRESET]["context_bytes"]
     defaults = (f"run.data={data_dir}", "run.name=run", f"run.storage_path={out}", "run.experiment=bitlm-demo",
-                "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every_steps=100", "train.warmup_steps=50",
-                f"train.context_bytes={context_bytes}")
-    cfg = build_experiment(DEMO_PRESET, DEFAULT_KIND, None, (), minutes, None, cls=PipelineConfig, defaults=defaults)
-    click.echo(f"training {cfg.model.arch} {DEMO_PRESET} ({context_bytes}-byte context) for {minutes:g} min "
+                "run.num_workers=1", "run.cpus_per_worker=2", "train.eval_every_steps=100", "train.warmup_steps=50")
+    # trained at the preset's own context, the one it is scored at (build_experiment)
+    cfg = build_experiment(DEMO_PRESET, DEFAULT_KIND, None, (), minutes, None, cls=PipelineConfig, defaults=defaults,
+                           data_dir=data_dir)
+    click.echo(f"training {cfg.model.arch} {DEMO_PRESET} ({cfg.train.context_bytes}-byte context) for {minutes:g} min "
                "on Ray Train (1 worker), tracked in MLflow ...")
     result = run_ray_training(cfg, None)
     m = result.metrics

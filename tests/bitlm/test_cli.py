@@ -241,6 +241,7 @@ def test_train_set_overrides_take_precedence_over_steps(corpus_dir, tmp_path):
     assert train(corpus_dir, run, 5, "--set", "train.max_steps=1", "--set", "model.n_layers=1").exit_code == 0
     cfg = run_config(run)
     assert cfg["train"]["max_steps"] == 1 and cfg["model"]["n_layers"] == 1
+    assert cfg["train"]["context_bytes"] == 16  # FAST's, not the model's 128 or the corpus's 64
     assert json.loads((run / "model" / "config.json").read_text())["model"]["n_layers"] == 1
 
 
@@ -251,6 +252,30 @@ def test_train_config_file_replaces_the_preset(corpus_dir, tmp_path):
                     "--preset", "base", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert run_config(second) == run_config(first)
+
+
+def fast_without_context() -> list[str]:
+    args = list(FAST)
+    i = args.index("train.context_bytes=16")
+    return args[:i - 1] + args[i + 1:]
+
+
+def test_train_without_a_context_trains_at_the_models_own(corpus_dir, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("train", "--local", "--data", str(corpus_dir), "--out", str(run), "--steps", "1",
+                    *fast_without_context(), "--set", "model.max_positions=32")
+    assert result.exit_code == 0, result.output
+    assert run_config(run)["train"]["context_bytes"] == 32
+    assert "-byte windows" not in result.output
+
+
+def test_train_without_a_context_is_cut_to_the_corpus_window_and_says_so(corpus_dir, tmp_path):
+    run = tmp_path / "run"  # the tiny preset takes 128 bytes; the corpus holds 64-byte windows
+    result = invoke("train", "--local", "--data", str(corpus_dir), "--out", str(run), "--steps", "1",
+                    *fast_without_context())
+    assert result.exit_code == 0, result.output
+    assert run_config(run)["train"]["context_bytes"] == 64
+    assert "training at 64-byte windows, the corpus's (the model takes 128 bytes" in result.output
 
 
 def test_train_with_an_unknown_set_key_fails_naming_it(tmp_path):

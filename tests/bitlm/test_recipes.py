@@ -17,14 +17,15 @@ from bitlm.recipes import ARCH_RECIPES, DEFAULT_RECIPE, RECIPES, recipe_override
 def test_default_recipe_is_applied_on_top_of_the_preset():
     cfg = build_experiment("tiny", "patched", None, (), None, None)
     expected = apply_overrides(ExperimentConfig(model=ModelConfig.from_name("tiny", kind="patched")),
-                               RECIPES[DEFAULT_RECIPE] + ARCH_RECIPES[DEFAULT_RECIPE]["patched"])
+                               RECIPES[DEFAULT_RECIPE] + ARCH_RECIPES[DEFAULT_RECIPE]["patched"]
+                               + ("train.context_bytes=128",))  # the preset's context, not TrainConfig's
     assert cfg == expected
     assert RECIPES[DEFAULT_RECIPE], "the default recipe changes something"
     assert cfg != ExperimentConfig(model=ModelConfig.from_name("tiny", kind="patched"))
 
 
 def test_original_recipe_is_the_dataclass_defaults():
-    cfg = build_experiment("small", "byte", None, (), None, None, recipe="original")
+    cfg = build_experiment("small", "byte", None, ("train.context_bytes=64",), None, None, recipe="original")
     assert cfg == ExperimentConfig(model=ModelConfig.from_name("small", kind="byte"))
     assert cfg.train == TrainConfig()
 
