@@ -42,27 +42,41 @@ def model_inputs(model, byte_windows: torch.Tensor) -> torch.Tensor:
     return byte_windows.long()
 
 
+def scored_inputs(cfg, ids: torch.Tensor) -> torch.Tensor:
+    """What a model reads of (B, T) ids for causal_loss, which scores the logits of positions 0 .. T-2.
+
+    The last position predicts past the window. A patched model is given the window without its last
+    bit, which keeps the last byte out of its stack: BOS and L - 1 bytes, L positions as in the byte
+    model, instead of L + 1 (the same logits; ~2% of a `small` training step on CPU). The flat models
+    read the whole window: there one position fewer (127 instead of 128) made the stack slower on this
+    CPU, not faster.
+    """
+    return ids[:, :-1] if cfg.arch == "patched" else ids
+
+
 def causal_loss(logits: torch.Tensor, ids: torch.Tensor, cfg) -> LossOutput:
-    """Next-position cross-entropy of (B, T, V) logits for (B, T) ids, with the bpb numerator and denominator.
+    """Next-position cross-entropy of (B, T, V) logits (or their first T - 1) for (B, T) ids, with the bpb
+    numerator and denominator.
 
     `cfg` is the model's ModelConfig (it says how many ids make a byte).
     """
+    T = ids.shape[1]
     per_position = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        logits[:, :T - 1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     ).view(ids.shape[0], -1)  # (B, T-1): entry t is the loss of position t+1
     first_scored = cfg.ids_per_byte - 1  # first id of byte 1, minus the shift
     nll_bits = per_position[:, first_scored:].detach().sum() / LN2
     n_bytes = ids.shape[0] * (ids.shape[1] // cfg.ids_per_byte - 1)
     p_one = None
     if cfg.representation == "bit":  # logits[:, t] predicts bit t + 1: start at byte 1's first bit
-        p_one = logits[:, first_scored:-1].float().softmax(-1)[..., 1]
+        p_one = logits[:, first_scored:T - 1].float().softmax(-1)[..., 1]
     return LossOutput(loss=per_position.mean(), nll_bits=nll_bits, n_bytes=n_bytes, p_one=p_one)
 
 
 def batch_loss(model, byte_windows: torch.Tensor) -> LossOutput:
     """causal_loss of a plain model on a (B, L) uint8 batch: the model's forward, then the loss."""
     ids = model_inputs(model, byte_windows.to(next(model.parameters()).device))
-    return causal_loss(model(ids, causal=True)[0], ids, model.config)
+    return causal_loss(model(scored_inputs(model.config, ids), causal=True)[0], ids, model.config)
 
 
 def telemetry_penalty(out: LossOutput, reference: torch.Tensor, bits_per_byte: int, *, lambda_k: float,
@@ -111,7 +125,7 @@ def evaluate_bpb(model, batches, *, autocast=None, logits_of=None) -> dict[str, 
     logits_of(ids): the causal logits, or None on a rank that does not have them (default: the model's forward).
     """
     device = next(model.parameters()).device
-    logits_of = logits_of or (lambda ids: model(ids, causal=True)[0])
+    logits_of = logits_of or (lambda ids: model(scored_inputs(model.config, ids), causal=True)[0])
 
     def loss_fn(m, batch):
         ids = model_inputs(m, batch.to(device))

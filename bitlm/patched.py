@@ -45,7 +45,7 @@ from .blocks import BlockStack, StackOutput, make_norm
 from .config import ModelConfig
 from .input_conv import InputConv
 from .pattern_joint import (bits_of_patterns, byte_path_scores, known_parity_tables, path_scores,
-                            pattern_membership, tree_masses)
+                            pattern_membership, tree_masses, tree_membership)
 
 
 class _ResidualMLP(nn.Module):
@@ -67,20 +67,6 @@ _NEIGHBOUR_KERNEL = 9  # bytes each side + 1 that the non-causal input convoluti
 def _node_scores(vectors: torch.Tensor, bias: torch.Tensor, ctx: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """<N[node], z> + b[node] for (..., k) nodes of each byte and its (..., hidden) features z."""
     return (vectors[nodes] * ctx.unsqueeze(-2)).sum(-1) + bias[nodes]
-
-
-def _shared_membership(bpb: int) -> torch.Tensor:
-    """(2^bpb - 1 + bpb, 2 bpb^2) 0/1: row n marks the shared terms (j, m, bit m of p) of tree node n = (j, p).
-
-    The last bpb rows (the per-phase nodes of non-causal mode, which have no prefix) are zero.
-    """
-    membership = torch.zeros(2 ** bpb - 1 + bpb, 2 * bpb * bpb)
-    for j in range(bpb):
-        for p in range(2 ** j):
-            for m in range(j):
-                bit = (p >> (j - 1 - m)) & 1  # prefix bits MSB first
-                membership[2 ** j - 1 + p, 2 * (j * bpb + m) + bit] = 1.0
-    return membership
 
 
 class PatchedBody(nn.Module):
@@ -136,7 +122,7 @@ class PatchedBody(nn.Module):
             # node (j, p) also reads sum_{m<j} S[j, m, bit m of p]: features shared by every byte whose
             # bit m has that value (upper- and lower-case letters share all but the case bit's); with
             # byte_softmax pattern v reads sum_m S[m, bit m of v]; zero at the start, so the plain model
-            membership = (_shared_membership(bpb) if self.pattern_vectors is None
+            membership = (tree_membership(bpb) if self.pattern_vectors is None
                           else pattern_membership(self.joint_bits))
             self.shared_vectors = nn.Parameter(torch.zeros(membership.shape[1], hidden))
             self.shared_bias = nn.Parameter(torch.zeros(membership.shape[1]))
@@ -300,16 +286,14 @@ class PatchedBody(nn.Module):
         readout=False stops at the per-byte features (what a last pipeline stage hands its loss)."""
         if cache is not None:
             raise ValueError("patched models decode incrementally through start_decoding/decode_next")
+        T, bpb = x.shape[1], self.bits_per_byte
+        partial = self.byte_bits is not None and T % bpb
+        if partial and not causal:
+            raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
         if self.byte_bits is not None:
-            T, bpb = x.shape[1], self.bits_per_byte
-            if T % bpb:
-                if not causal:
-                    raise ValueError(f"non-causal patched models read whole bytes: {T} bits is not a multiple of {bpb}")
-                # causality is exact, so padding the last byte changes no logit before the padding
-                logits, out = self(torch.nn.functional.pad(x, (0, bpb - T % bpb)), causal=True,
-                                   return_weights=return_weights, offset=offset, readout=readout)
-                return (logits[:, :T] if readout else logits), out
-            h = self.embed_bits(x, causal=causal, offset=offset)
+            # an incomplete last byte is not a stack input (its bits read the state of the bytes before it):
+            # the stack runs over BOS + the complete bytes (training's input, bitlm.objective.scored_inputs)
+            h = self.embed_bits(x[:, :T - T % bpb], causal=causal, offset=offset)
         else:
             h = x  # a later pipeline stage: the hidden states of the stage before
         out = self.stack(h, causal=causal, return_weights=return_weights)
@@ -318,11 +302,15 @@ class PatchedBody(nn.Module):
         ctx = self.to_local(self.norm(out.hidden.to(h.dtype)))  # (B, L (+1), hidden)
         if not readout:
             return ctx, out
+        if partial:  # the last byte padded to whole; causality is exact, so no logit before the padding changes
+            padded = torch.nn.functional.pad(x, (0, bpb - T % bpb))
+            return self.readout(ctx, padded, causal=True)[:, :T], out
         return self.readout(ctx, x, causal=causal, local_prefix=local_prefix), out
 
     def readout(self, ctx: torch.Tensor, ids: torch.Tensor, *, causal: bool = True,
                 local_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-bit logits (B, T, 2) from per-byte features and the (B, T) bits of whole bytes."""
+        """Per-bit logits (B, T, 2) from per-byte features and the (B, T) bits of whole bytes. Causal `ctx`:
+        a state per byte and one after the last, or only one per byte (then the last logit is 0, unused)."""
         B, T = ids.shape
         bpb = self.bits_per_byte
         phases = torch.arange(bpb, device=ids.device)
@@ -330,10 +318,12 @@ class PatchedBody(nn.Module):
             prefix = None if local_prefix is None else local_prefix.view(B, T // bpb, bpb)[..., :-1]
             return self._local_logits(ctx, prefix, phases).reshape(B, T, 2)
         bits = ids.view(B, T // bpb, bpb)
-        padded = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
-        per_bit = self._local_logits(ctx, padded[..., :-1], phases).reshape(B, -1, 2)
+        if ctx.shape[1] > bits.shape[1]:
+            bits = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
+        per_bit = self._local_logits(ctx, bits[..., :-1], phases).reshape(B, -1, 2)
         # per_bit[:, k] predicts bit k; the shared layout wants logits[:, t] to predict bit t + 1
-        return per_bit[:, 1:T + 1]
+        logits = per_bit[:, 1:T + 1]
+        return logits if logits.shape[1] == T else torch.nn.functional.pad(logits, (0, 0, 0, T - logits.shape[1]))
 
     def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
         B, T = ids.shape

@@ -38,6 +38,21 @@ def pattern_membership(n: int) -> torch.Tensor:
     return membership
 
 
+def tree_membership(bpb: int) -> torch.Tensor:
+    """(2^bpb - 1 + bpb, 2 bpb^2) 0/1: row n marks the shared terms (j, m, bit m of p) of tree node n = (j, p)
+    (model.tree_shared_bits without model.byte_softmax).
+
+    The last bpb rows (the per-phase nodes of non-causal mode, which have no prefix) are zero.
+    """
+    membership = torch.zeros(2 ** bpb - 1 + bpb, 2 * bpb * bpb)
+    for j in range(bpb):
+        for p in range(2 ** j):
+            for m in range(j):
+                bit = (p >> (j - 1 - m)) & 1  # prefix bits MSB first
+                membership[2 ** j - 1 + p, 2 * (j * bpb + m) + bit] = 1.0
+    return membership
+
+
 def known_parity_tables() -> tuple[torch.Tensor, torch.Tensor]:
     """model.known_parity: (256,) the parity bit's logit given each data byte, +-PARITY_SCORE by the
     codec's even parity, and (256, 2) the log-probabilities of parity bit 0 and 1 (byte-at-once sampling)."""

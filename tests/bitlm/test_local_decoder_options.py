@@ -274,3 +274,39 @@ def test_known_parity_acts_only_with_the_byte_softmax_of_a_causal_model_with_par
     x = random_bits(bpb=8)
     torch.testing.assert_close(make(byte_softmax=True, known_parity=True, parity=False)(x, causal=True)[0],
                                make(byte_softmax=True, parity=False)(x, causal=True)[0])
+
+
+@pytest.mark.parametrize("option", ["shared", "softmax_known_parity_shared_table"])
+def test_every_partial_last_byte_gives_the_prefix_of_the_whole_window_logits(option):
+    model = make(**OPTIONS[option])
+    x = random_bits(n_bytes=3)
+    whole, _ = model(x)
+    for n_bits in range(1, x.shape[1]):  # from less than one byte: then the stack reads BOS alone
+        torch.testing.assert_close(model(x[:, :n_bits])[0], whole[:, :n_bits], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("option", ["no_projection", "softmax_known_parity_shared_table"])
+def test_the_training_loss_runs_the_stack_over_bos_and_all_but_the_last_byte_with_the_same_loss(option):
+    """batch_loss gives the model the window without its last bit (bitlm.objective.scored_inputs): the last
+    byte leaves the stack (L positions, not L + 1), and the loss and every gradient stay those of the whole window."""
+    from bitlm.objective import causal_loss, model_inputs
+
+    batch = torch.tensor([list(b"To be, or not to")] * 3, dtype=torch.uint8)  # 16 bytes
+    whole, trimmed = make(**OPTIONS[option]).train(), make(**OPTIONS[option]).train()
+    ids = model_inputs(whole, batch)
+    reference = causal_loss(whole(ids, causal=True)[0], ids, whole.config)
+    reference.loss.backward()
+    positions = []
+    trimmed.body.stack.register_forward_hook(lambda module, args, output: positions.append(args[0].shape[1]))
+    out = batch_loss(trimmed, batch)
+    out.loss.backward()
+    assert positions == [16]  # BOS + bytes 0..14
+    torch.testing.assert_close(out.loss, reference.loss, atol=1e-6, rtol=0)
+    assert out.n_bytes == reference.n_bytes
+    torch.testing.assert_close(out.nll_bits, reference.nll_bits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.p_one, reference.p_one, atol=1e-6, rtol=0)
+    for (name, p), q in zip(trimmed.named_parameters(), whole.parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
