@@ -186,8 +186,7 @@ def train_command(local, data_dir, out_dir, preset, kind, recipe, config_file, s
         collapse = _collapse_plan(diffusion, collapse_student, collapse_floors, collapse_steps, local, device, workers,
                                   strategy, address, data_dir, out)
     if local:
-        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps, recipe=recipe,
-                               data_dir=data_dir)
+        cfg = build_experiment(preset, kind, config_file, sets, minutes, steps, recipe=recipe, data_dir=data_dir)
         _, _, result = run_local_training(cfg, Path(data_dir), out, resume=resume, device=device,
                                           progress=sys.stderr.isatty(), verify_data=verify_data)
         click.echo(f"done: {result.step} steps in {result.train_seconds:.0f} s; {_score_text(result.metrics)}; "

@@ -99,8 +99,7 @@ def tune_command(space, num_samples, data_dir, search, grid_points, scheduler, g
     if minutes_per_trial is not None:
         minutes = minutes_per_trial
     base = build_experiment(preset, kind, config_file, tuple(sets), minutes, steps, cls=PipelineConfig,
-                            defaults=TUNE_DEFAULTS, recipe=recipe,
-                            data_dir=data_dir)
+                            defaults=TUNE_DEFAULTS, recipe=recipe, data_dir=data_dir)
     try:
         cfg = SearchConfig(space=loaded, base=base, num_samples=num_samples, search=search, grid_points=grid_points,
                            scheduler=scheduler, grace_period=grace_period, reduction_factor=reduction_factor,
