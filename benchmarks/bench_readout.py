@@ -14,7 +14,6 @@ tuned recipe's other options (shared bits, no projection, byte table).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from bitlm.model import BitTransformerLM
 from bitlm.objective import causal_loss, model_inputs
 from bitlm.pattern_joint import path_scores, tree_masses
 
-from common import best_seconds, contender_config, emit, load_shakespeare
+from common import best_seconds, contender_config, emit, load_shakespeare, race_shape_arguments
 
 _PATCHED = ["model.tree_shared_bits=true", "model.local_d_ff=0", "model.byte_table=true"]
 CONTENDERS = {
@@ -68,12 +67,7 @@ def readout_step(name: str, model: BitTransformerLM, ids: torch.Tensor, features
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--context-bytes", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path)
+    race_shape_arguments(parser, extra=(("--repeats", {"type": int, "default": 30}),))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

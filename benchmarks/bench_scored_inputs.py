@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from bitlm.data import Corpus
 from bitlm.model import BitTransformerLM
 from bitlm.objective import causal_loss, model_inputs
 
-from common import contender_config, emit, load_shakespeare, with_recipe
+from common import contender_config, emit, load_shakespeare, race_shape_arguments, with_recipe
 
 
 def timed_step(model, x: torch.Tensor, ids: torch.Tensor) -> float:
@@ -36,13 +35,9 @@ def timed_step(model, x: torch.Tensor, ids: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="small")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--context-bytes", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=120, help="steps of each input (the first 10 untimed)")
-    parser.add_argument("--models", default="byte,patched")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--out", type=Path)
+    race_shape_arguments(parser, extra=(
+        ("--steps", {"type": int, "default": 120, "help": "steps of each input (the first 10 untimed)"}),
+        ("--models", {"default": "byte,patched"})))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -67,6 +67,17 @@ def recipe_model(cfg, recipe: str, extra: list[str] | tuple[str, ...] = ()):
     return apply_overrides(ExperimentConfig(model=cfg), model_sets).model
 
 
+def race_shape_arguments(parser, *, extra: tuple[tuple[str, dict], ...] = ()) -> None:
+    """--preset, --batch-size, --context-bytes (the races' small 128 x 8), `extra`, --threads and --out."""
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--context-bytes", type=int, default=128)
+    for flag, options in extra:
+        parser.add_argument(flag, **options)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path)
+
+
 def best_seconds(fn, repeats: int) -> float:
     """Fastest wall time of `repeats` calls of fn."""
     best = float("inf")

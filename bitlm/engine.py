@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from . import checkpoint as ckpt
 from .config import ExperimentConfig, TrainConfig, to_dict
 from .diffusion import check_diffusion_model, corrupt, diffusion_loss
-from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, model_inputs, scored_inputs,
-                        stream_loss, telemetry_penalty)
+from .objective import (COMPRESSED_STREAM, LossOutput, causal_loss, compressed_rows, model_inputs,
+                        scored_logits, stream_loss, telemetry_penalty)
 from .optim import autocast_factory, build_optimizer, lr_factor, resolve_device, set_lr  # noqa: F401  (re-exported)
 from .parallel import parallelize
 from .progress import FitResult, NonFiniteLossError, Report, Window
@@ -227,7 +227,7 @@ class Trainer:
 
     def _causal(self, batch: torch.Tensor) -> LossOutput:
         ids = model_inputs(self.base.config, batch.to(self.device))
-        return causal_loss(self.net(scored_inputs(self.base.config, ids), causal=True)[0], ids, self.base.config)
+        return causal_loss(scored_logits(self.net, ids, self.base.config), ids, self.base.config)
 
     def train_step(self) -> None:
         """One optimizer step over grad_accum_steps micro-batches."""

@@ -54,6 +54,12 @@ def scored_inputs(cfg, ids: torch.Tensor) -> torch.Tensor:
     return ids[:, :-1] if cfg.arch == "patched" else ids
 
 
+def scored_logits(net, ids: torch.Tensor, cfg) -> torch.Tensor:
+    """The causal logits causal_loss reads for (B, T) ids: `net` (the model, or its DDP/FSDP wrapper, whose
+    ModelConfig is `cfg`) on scored_inputs."""
+    return net(scored_inputs(cfg, ids), causal=True)[0]
+
+
 def causal_loss(logits: torch.Tensor, ids: torch.Tensor, cfg) -> LossOutput:
     """Next-position cross-entropy of (B, T, V) logits (or their first T - 1) for (B, T) ids, with the bpb
     numerator and denominator.
@@ -76,7 +82,7 @@ def causal_loss(logits: torch.Tensor, ids: torch.Tensor, cfg) -> LossOutput:
 def batch_loss(model, byte_windows: torch.Tensor) -> LossOutput:
     """causal_loss of a plain model on a (B, L) uint8 batch: the model's forward, then the loss."""
     ids = model_inputs(model, byte_windows.to(next(model.parameters()).device))
-    return causal_loss(model(scored_inputs(model.config, ids), causal=True)[0], ids, model.config)
+    return causal_loss(scored_logits(model, ids, model.config), ids, model.config)
 
 
 def telemetry_penalty(out: LossOutput, reference: torch.Tensor, bits_per_byte: int, *, lambda_k: float,
@@ -125,7 +131,7 @@ def evaluate_bpb(model, batches, *, autocast=None, logits_of=None) -> dict[str, 
     logits_of(ids): the causal logits, or None on a rank that does not have them (default: the model's forward).
     """
     device = next(model.parameters()).device
-    logits_of = logits_of or (lambda ids: model(scored_inputs(model.config, ids), causal=True)[0])
+    logits_of = logits_of or (lambda ids: scored_logits(model, ids, model.config))
 
     def loss_fn(m, batch):
         ids = model_inputs(m, batch.to(device))

@@ -310,7 +310,8 @@ class PatchedBody(nn.Module):
     def readout(self, ctx: torch.Tensor, ids: torch.Tensor, *, causal: bool = True,
                 local_prefix: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-bit logits (B, T, 2) from per-byte features and the (B, T) bits of whole bytes. Causal `ctx`:
-        a state per byte and one after the last, or only one per byte (then the last logit is 0, unused)."""
+        a state per byte and one after the last, or only one per byte (then no logit predicts past the
+        last byte: (B, T - 1, 2))."""
         B, T = ids.shape
         bpb = self.bits_per_byte
         phases = torch.arange(bpb, device=ids.device)
@@ -322,8 +323,7 @@ class PatchedBody(nn.Module):
             bits = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # byte L's bits are unknown (unused)
         per_bit = self._local_logits(ctx, bits[..., :-1], phases).reshape(B, -1, 2)
         # per_bit[:, k] predicts bit k; the shared layout wants logits[:, t] to predict bit t + 1
-        logits = per_bit[:, 1:T + 1]
-        return logits if logits.shape[1] == T else torch.nn.functional.pad(logits, (0, 0, 0, T - logits.shape[1]))
+        return per_bit[:, 1:T + 1]
 
     def start_decoding(self, ids: torch.Tensor, cache: KVCache) -> tuple[DecodeState, torch.Tensor]:
         B, T = ids.shape
